@@ -1,0 +1,1 @@
+"""Shared helpers: data, FLOPs, checkpoints, statistics, training engine."""

@@ -1,0 +1,205 @@
+"""Reading and writing checkpoints in every layout users hold (SPEC section 3).
+
+* BlockDrop stage checkpoints (the authors' and ours): ``agent`` (or ``net`` in
+  a few old files) for the policy, ``resnet`` after joint finetuning, plus
+  ``epoch``, ``reward``, ``acc``. The authors' files are PyTorch 0.3 pickles:
+  legacy (non-zip) serialisation, no ``num_batches_tracked`` buffers.
+* Pretrained base ResNets of ``img_classification_pk_pytorch``:
+  ``{'state_dict': ..., 'args': Namespace, ...}`` with ``module.`` prefixes
+  and torchvision names ``layer<i>.<b>.*``.
+* torchvision ResNet state dicts (``resnet101`` for R101, ``resnet18`` to
+  initialise the ImageNet policy's ResNet-10).
+
+Everything is read with ``weights_only=True`` and checked key by key before a
+single tensor is copied, so a bad file never leaves a half-loaded model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+_LAYER = re.compile(r"^layer(\d+)\.(\d+)\.(.*)$")
+_MAX_LISTED = 12
+
+
+def read_checkpoint(path: str) -> Any:
+    """Load ``path`` on the CPU with ``weights_only=True``, or raise CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        # base-network checkpoints of img_classification_pk_pytorch pickle their argparse args
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated files, pickles of arbitrary objects, text files...
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+def save_checkpoint(obj: Any, path: str) -> None:
+    """Write ``obj`` with torch.save to a temporary file, then rename it to ``path``.
+
+    A crash mid-write leaves the previous file (if any) intact.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".t7", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> Dict[str, Any]:
+    """Remove ``prefix`` (left by DataParallel/DDP) from every key that has it."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def torchvision_to_flat(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Rename torchvision-style ResNet keys to the flat layout.
+
+    ``layer<i>.<b>.downsample.<n>.*`` -> ``ds.<i-1>.<n>.*``,
+    ``layer<i>.<b>.*`` -> ``blocks.<i-1>.<b>.*``; other keys unchanged.
+    """
+    out: Dict[str, Any] = {}
+    for key, value in strip_prefix(state).items():
+        m = _LAYER.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        stage, block, rest = int(m.group(1)) - 1, m.group(2), m.group(3)
+        if rest.startswith("downsample."):
+            out[f"ds.{stage}.{rest[len('downsample.'):]}"] = value
+        else:
+            out[f"blocks.{stage}.{block}.{rest}"] = value
+    return out
+
+
+def _listing(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
+
+
+def fitted_state(module: nn.Module, state: Mapping[str, Any], source: str,
+                 what: str = "model") -> Dict[str, Any]:
+    """Check ``state`` against ``module`` and return the complete state to load.
+
+    Missing ``num_batches_tracked`` buffers (PyTorch < 0.4 files) keep the
+    module's own; any other missing, unexpected or mis-shaped entry raises
+    CheckpointError naming ``source`` and the keys.
+    """
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{source}: the {what} entry is not a state dict")
+    own = module.state_dict()
+    missing = {k for k in own if k not in state and not k.endswith("num_batches_tracked")}
+    unexpected = set(state) - set(own)
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    wrong = [f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and (not isinstance(v, torch.Tensor) or v.shape != own[k].shape)]
+    if wrong:
+        problems.append(f"shape mismatch: {_listing(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the {what}: " + "; ".join(problems))
+    full = dict(own)
+    full.update(state)
+    return full
+
+
+def load_state_strict(module: nn.Module, state: Mapping[str, Any], source: str,
+                      what: str = "model") -> None:
+    """Copy ``state`` into ``module`` if every key and shape fits, else copy nothing."""
+    module.load_state_dict(fitted_state(module, state, source, what), strict=True)
+
+
+def policy_state(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """A policy state dict without the ``features.fc.*`` entries some old files carry."""
+    return {k: v for k, v in strip_prefix(state).items() if not k.startswith("features.fc.")}
+
+
+def resnet_state(ckpt: Any) -> Dict[str, Any]:
+    """The flat-ResNet state dict inside any base-network checkpoint layout."""
+    if isinstance(ckpt, Mapping):
+        for key in ("state_dict", "resnet", "model"):
+            if key in ckpt and isinstance(ckpt[key], Mapping):
+                return torchvision_to_flat(ckpt[key])
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return torchvision_to_flat(ckpt)
+    raise CheckpointError("expected a ResNet state dict, or a dict holding one under "
+                          "'state_dict', 'resnet' or 'model'")
+
+
+def load_base_resnet(rnet: nn.Module, path: str) -> None:
+    """Load a pretrained base ResNet (pk layout, torchvision or ours) into ``rnet``."""
+    ckpt = read_checkpoint(path)
+    try:
+        state = resnet_state(ckpt)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    load_state_strict(rnet, state, path, "base ResNet")
+
+
+def load_torchvision_policy_init(agent: nn.Module, state: Mapping[str, torch.Tensor],
+                                 source: str = "torchvision resnet18") -> None:
+    """Initialise a policy's feature ResNet from a deeper torchvision ResNet.
+
+    The policy keeps only the first block of each stage (ResNet-18 -> ResNet-10),
+    so later blocks and the classifier of the source are left out on purpose;
+    the policy heads keep their own initialisation.
+    """
+    flat = torchvision_to_flat(state)
+    features = agent.features
+    wanted = features.state_dict()
+    kept = {k: v for k, v in flat.items() if k in wanted}
+    dropped = [k for k in flat if k not in wanted
+               and not k.startswith("fc.") and not re.match(r"blocks\.\d+\.[1-9]\d*\.", k)]
+    if dropped:
+        raise CheckpointError(f"{source} does not fit the policy features: unexpected keys: "
+                              f"{_listing(dropped)}")
+    load_state_strict(features, kept, source, "policy features")
+
+
+def load_blockdrop_checkpoint(path: str, rnet: Optional[nn.Module], agent: nn.Module,
+                              ckpt: Any = None) -> Dict[str, bool]:
+    """Load a BlockDrop stage checkpoint into ``agent`` (and ``rnet`` if it holds one).
+
+    Both parts are checked before either is changed. Returns which parts were loaded.
+    """
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    if not isinstance(ckpt, Mapping) or not any(k in ckpt for k in ("agent", "net", "resnet")):
+        found = sorted(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a BlockDrop checkpoint: expected the keys "
+                              f"'agent' (or 'net') and/or 'resnet', found {found}")
+    agent_state = ckpt.get("agent", ckpt.get("net"))
+    if "resnet" in ckpt and rnet is None:
+        raise CheckpointError(f"{path} holds a ResNet but none was given to load it into")
+    # check both parts before changing either, so a bad part loads neither
+    loads = []
+    if agent_state is not None:
+        loads.append((agent, fitted_state(agent, policy_state(agent_state), path, "policy network")))
+    if "resnet" in ckpt:
+        loads.append((rnet, fitted_state(rnet, torchvision_to_flat(ckpt["resnet"]), path, "ResNet")))
+    for module, state in loads:
+        module.load_state_dict(state, strict=True)
+    return {"agent": agent_state is not None, "resnet": "resnet" in ckpt}

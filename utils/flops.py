@@ -1,0 +1,86 @@
+"""FLOP accounting (paper footnote 3, SPEC section 5).
+
+Conv2d and Linear layers only, 2 FLOPs per multiply-accumulate: a conv costs
+``2*C_in*C_out*k_h*k_w*H_out*W_out`` (per group), a linear ``2*in*out``. Every
+model gets a table: a fixed cost (stem, stage shortcuts, which run even when a
+stage's first block is dropped, classifier, and the whole policy network) and
+one cost per residual block, so that for a whole batch of policies
+
+    flops(policy) = fixed + policy @ block_costs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+
+from models import build_policy, build_resnet, get_spec
+
+
+def _layer_cost(module: nn.Module, out: torch.Tensor) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        per_out = 2 * (module.in_channels // module.groups) * kh * kw
+        return per_out * module.out_channels * out.shape[-2] * out.shape[-1]
+    return 2 * module.in_features * module.out_features
+
+
+def module_flops(run, module: nn.Module) -> Dict[str, int]:
+    """FLOPs of each Conv2d/Linear of ``module`` (by name) during ``run()`` on one image."""
+    names = {m: n for n, m in module.named_modules()}
+    costs: Dict[str, int] = {}
+    hooks = [m.register_forward_hook(
+        lambda m, _inp, out: costs.__setitem__(names[m], costs.get(names[m], 0) + _layer_cost(m, out)))
+        for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return costs
+
+
+@dataclass(frozen=True)
+class FlopTable:
+    """Per-image FLOPs of a BlockDrop model: ``fixed + policy @ block_costs``."""
+
+    resnet_fixed: int  # stem, shortcuts, classifier
+    block_costs: Tuple[int, ...]  # one entry per residual block
+    policy: int  # the policy network, both heads included
+
+    @property
+    def full_resnet(self) -> int:
+        """The base ResNet with every block kept, without the policy network."""
+        return self.resnet_fixed + sum(self.block_costs)
+
+    def per_image(self, policy: torch.Tensor, include_policy: bool = True) -> torch.Tensor:
+        """FLOPs of each image (int64, shape (B,)) for a (B, K) batch of 0/1 policies."""
+        costs = torch.tensor(self.block_costs, dtype=torch.int64, device=policy.device)
+        fixed = self.resnet_fixed + (self.policy if include_policy else 0)
+        return fixed + policy.to(torch.int64) @ costs
+
+
+@lru_cache(maxsize=None)
+def flop_table(model_name: str) -> FlopTable:
+    """The FlopTable of a registered model, measured once on a single image."""
+    spec = get_spec(model_name)
+    rnet, agent = build_resnet(spec), build_policy(spec)
+    rnet.eval()
+    agent.eval()
+    x = torch.zeros(1, 3, spec.image_size, spec.image_size)
+    rcost = module_flops(lambda: rnet.forward_full(x), rnet)
+    blocks = [0] * rnet.num_blocks
+    fixed = 0
+    flat = {sb: t for t, sb in enumerate(rnet.block_index)}
+    for name, cost in rcost.items():
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            blocks[flat[(int(parts[1]), int(parts[2]))]] += cost
+        else:
+            fixed += cost
+    policy = sum(module_flops(lambda: agent(x), agent).values())
+    return FlopTable(fixed, tuple(blocks), policy)

@@ -1,0 +1,88 @@
+"""The equations of BlockDrop's policy learning (paper Sec. 3.2-3.3, SPEC section 4).
+
+Each function is one equation, on a whole batch at once. ``probs`` are the
+policy's keep-probabilities s (B, K); a policy u is (B, K) of 0/1, u_k = 1
+keeping block k.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def greedy_policy(probs: torch.Tensor) -> torch.Tensor:
+    """Self-critical baseline policy: ũ_k = 1 if s_k >= 0.5 else 0 (Sec. 3.3)."""
+    return (probs >= 0.5).to(probs.dtype)
+
+
+def bounded_probs(probs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Exploration bound: s' = α·s + (1 − α)·(1 − s), so s' ∈ [1 − α, α] (Sec. 3.3)."""
+    return probs * alpha + (1 - probs) * (1 - alpha)
+
+
+def block_reward(policy: torch.Tensor, correct: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Eq. 3: R(u) = 1 − (|u|₀ / K)² if the prediction is correct, else −γ.
+
+    ``penalty`` is the reward for a wrong prediction (the CLI's ``--penalty``,
+    so γ = 10 is ``penalty = -10``). Returns (B,).
+    """
+    usage = policy.sum(1).to(torch.float32) / policy.shape[1]
+    return torch.where(correct.bool(), 1.0 - usage ** 2, torch.full_like(usage, penalty))
+
+
+def reward(preds: torch.Tensor, targets: torch.Tensor, policy: torch.Tensor,
+           penalty: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 3 from logits: ``(reward (B,), match (B,) as float)``."""
+    match = preds.argmax(1) == targets
+    return block_reward(policy, match, penalty), match.float()
+
+
+def advantage(reward_sampled: torch.Tensor, reward_greedy: torch.Tensor) -> torch.Tensor:
+    """Eq. 6 (self-critical): A = R(u) − R(ũ)."""
+    return reward_sampled - reward_greedy
+
+
+def curriculum_mask(batch: int, num_blocks: int, cl_step: int,
+                    device: torch.device = None) -> torch.Tensor:
+    """Curriculum mask (Alg. 1): 1 for the last ``cl_step`` blocks the policy decides,
+    0 for the first ``K − cl_step`` blocks, which are forced to 1 and not learned."""
+    mask = torch.zeros(batch, num_blocks, device=device)
+    mask[:, num_blocks - min(cl_step, num_blocks):] = 1
+    return mask
+
+
+def curriculum_step(epoch: int, num_blocks: int) -> int:
+    """Blocks decided by the policy at epoch e (from 0): ``min(e + 1, K)``."""
+    return min(epoch + 1, num_blocks)
+
+
+def apply_curriculum(policy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Force the blocks outside the curriculum (mask 0) to be kept."""
+    return torch.where(mask.bool(), policy, torch.ones_like(policy))
+
+
+def policy_log_prob(bprobs: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """log π(u) per block under Bernoulli(s'): u·log s' + (1 − u)·log(1 − s')."""
+    return -F.binary_cross_entropy(bprobs, policy, reduction="none")
+
+
+def curriculum_loss(bprobs: torch.Tensor, policy: torch.Tensor, adv: torch.Tensor,
+                    mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Curriculum-learning loss (Eq. 7 with the authors' entropy bonus):
+
+    [Σ_{i,k} mask·(−log π(u_ik))·A_i − β·Σ_{i,k} (−s'_ik·log s'_ik)] / B,
+    s' clamped to [1e-15, 1 − 1e-15] in the entropy term only.
+    """
+    pg = (mask * -policy_log_prob(bprobs, policy) * adv.view(-1, 1)).sum()
+    s = bprobs.clamp(1e-15, 1 - 1e-15)
+    entropy = (-s * torch.log(s)).sum()
+    return (pg - beta * entropy) / bprobs.shape[0]
+
+
+def finetune_loss(bprobs: torch.Tensor, policy: torch.Tensor, adv: torch.Tensor,
+                  preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Joint-finetuning loss: Σ_i (−Σ_k log π(u_ik))·A_i + mean_i CE(f(x_i; u_i), y_i)."""
+    pg = (-policy_log_prob(bprobs, policy).sum(1) * adv).sum()
+    return pg + F.cross_entropy(preds, targets)
