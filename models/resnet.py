@@ -220,6 +220,17 @@ class FlatResNet(nn.Module):
             x = F.relu(self.residual(t, x) + self.block(t)(x))
         return self.head(x)
 
+    def forward_policies(self, x: torch.Tensor, policies: Sequence[torch.Tensor],
+                         dynamic: bool = True) -> List[torch.Tensor]:
+        """Logits of the same images under several policies (e.g. the greedy and the
+        sampled policy of a training step). ``dynamic=True`` runs them as one
+        ``forward_dynamic`` pass over the stacked batch; ``dynamic=False`` runs the
+        masked ``forward`` once per policy (the authors' way)."""
+        if not dynamic:
+            return [self.forward(x, p) for p in policies]
+        stacked = self.forward_dynamic(x.repeat(len(policies), 1, 1, 1), torch.cat(list(policies)))
+        return list(stacked.split(x.shape[0]))
+
     def forward_dynamic(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         """Per-image execution: each block runs only on the images that keep it.
 
