@@ -195,11 +195,19 @@ def load_blockdrop_checkpoint(path: str, rnet: Optional[nn.Module], agent: nn.Mo
     if "resnet" in ckpt and rnet is None:
         raise CheckpointError(f"{path} holds a ResNet but none was given to load it into")
     # check both parts before changing either, so a bad part loads neither
-    loads = []
+    parts = []
     if agent_state is not None:
-        loads.append((agent, fitted_state(agent, policy_state(agent_state), path, "policy network")))
+        parts.append((agent, policy_state(agent_state), "policy network"))
     if "resnet" in ckpt:
-        loads.append((rnet, fitted_state(rnet, torchvision_to_flat(ckpt["resnet"]), path, "ResNet")))
+        parts.append((rnet, torchvision_to_flat(ckpt["resnet"]), "ResNet"))
+    loads, errors = [], []
+    for module, state, what in parts:
+        try:
+            loads.append((module, fitted_state(module, state, path, what)))
+        except CheckpointError as err:
+            errors.append(str(err))
+    if errors:
+        raise CheckpointError("\n".join(errors))
     for module, state in loads:
         module.load_state_dict(state, strict=True)
     return {"agent": agent_state is not None, "resnet": "resnet" in ckpt}
