@@ -1,0 +1,32 @@
+"""Small builders shared by the tests: realistic BatchNorm statistics, tiny data."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.data import write_cifar_folder
+
+
+@torch.no_grad()
+def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random affine parameters and running statistics, so
+    that eval-mode outputs exercise every buffer a checkpoint carries."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_var.copy_(1.0 + 4.0 * torch.rand(n, generator=g))
+    return module
+
+
+def make_cifar(root, n: int = 24, num_classes: int = 10, train: bool = False, seed: int = 0) -> str:
+    """Write ``n`` random images in the CIFAR python format under ``root``."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, size=n)
+    write_cifar_folder(str(root), images, labels, train=train, num_classes=num_classes)
+    return str(root)
