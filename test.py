@@ -16,8 +16,8 @@ import sys
 import torch
 from torch.utils.data import DataLoader
 
-from models import MODEL_SPECS, build_policy, build_resnet, get_spec
-from utils.checkpoint import CheckpointError, load_base_resnet, load_blockdrop_checkpoint, read_checkpoint
+from models import MODEL_SPECS, get_spec
+from utils.checkpoint import CheckpointError, load_for_eval
 from utils.data import DataError, get_dataset
 from utils.engine import evaluate
 from utils.flops import flop_table
@@ -49,35 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_models(args: argparse.Namespace, spec):
-    """The base ResNet and the policy, loaded as the authors' test.py loaded them."""
-    rnet, agent = build_resnet(spec), build_policy(spec)
-    agent.keep_all()  # without --load: every block kept, the policy still runs
-    ckpt = read_checkpoint(args.load) if args.load else None
-    has_resnet = isinstance(ckpt, dict) and "resnet" in ckpt
-    if not has_resnet:
-        base = args.base_ckpt or spec.base_checkpoint
-        if not os.path.isfile(base):
-            raise CheckpointError(
-                f"base ResNet checkpoint not found: {base} ("
-                + ("the checkpoint holds only a policy, so " if ckpt is not None else "")
-                + "the pretrained base network is needed; pass --base_ckpt, or unpack the "
-                  "authors' checkpoints into ./cv/)")
-        load_base_resnet(rnet, base)
-        print(f"loaded base resnet from {base}", file=sys.stderr)
-    if ckpt is not None:
-        loaded = load_blockdrop_checkpoint(args.load, rnet, agent, ckpt)
-        parts = " and ".join(k for k in ("resnet", "agent") if loaded[k])
-        print(f"loaded {parts} from {os.path.basename(args.load)}", file=sys.stderr)
-    return rnet, agent
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         spec = get_spec(args.model)
         device = torch.device(args.device)
-        rnet, agent = load_models(args, spec)
+        rnet, agent = load_for_eval(spec, args.load, args.base_ckpt,
+                                    log=lambda msg: print(msg, file=sys.stderr))
         testset = get_dataset(spec, args.data_dir, train=False, download=args.download)
     except (ValueError, RuntimeError, CheckpointError, DataError) as err:
         sys.exit(f"test.py: error: {err}")

@@ -211,3 +211,33 @@ def load_blockdrop_checkpoint(path: str, rnet: Optional[nn.Module], agent: nn.Mo
     for module, state in loads:
         module.load_state_dict(state, strict=True)
     return {"agent": agent_state is not None, "resnet": "resnet" in ckpt}
+
+
+def load_for_eval(spec, load: Optional[str], base_ckpt: Optional[str] = None,
+                  log=print) -> "tuple[nn.Module, nn.Module]":
+    """The base ResNet and policy of ``spec``, loaded as the authors' test.py did.
+
+    Without ``load`` the policy keeps every block (it still runs and counts).
+    A checkpoint without ``resnet`` is paired with the pretrained base network
+    from ``base_ckpt`` or the spec's default path.
+    """
+    from models import build_policy, build_resnet  # models imports nothing from here
+
+    rnet, agent = build_resnet(spec), build_policy(spec)
+    agent.keep_all()
+    ckpt = read_checkpoint(load) if load else None
+    if not (isinstance(ckpt, Mapping) and "resnet" in ckpt):
+        base = base_ckpt or spec.base_checkpoint
+        if not os.path.isfile(base):
+            raise CheckpointError(
+                f"base ResNet checkpoint not found: {base} ("
+                + ("the checkpoint holds only a policy, so " if ckpt is not None else "")
+                + "the pretrained base network is needed; pass --base_ckpt, or unpack the "
+                  "authors' checkpoints into ./cv/)")
+        load_base_resnet(rnet, base)
+        log(f"loaded base resnet from {base}")
+    if ckpt is not None:
+        loaded = load_blockdrop_checkpoint(load, rnet, agent, ckpt)
+        log(f"loaded {' and '.join(k for k in ('resnet', 'agent') if loaded[k])} "
+            f"from {os.path.basename(load)}")
+    return rnet, agent

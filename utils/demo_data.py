@@ -8,7 +8,8 @@ reads them. The difficulty of every image is stored in the same pickles under
 an extra ``difficulty`` key (0 easy, 1 hard) that the loader ignores. The
 demo uses it to check the paper's Sec. 4.3 claim: hard images use more blocks.
 
-    python -m utils.demo_data --out runs/demo/data --train 3000 --test 1000
+    python -m utils.demo_data generate --out runs/demo/data --train 3000 --test 1000
+    python -m utils.demo_data compare --load <checkpoint> --data_dir runs/demo/data
 """
 from __future__ import annotations
 
@@ -117,14 +118,50 @@ def read_difficulty(root: str, train: bool = False) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+def compare_difficulty(model: str, load: str, data_dir: str, base_ckpt: str = None,
+                       batch_size: int = 256) -> str:
+    """Block usage and accuracy of easy vs hard test images under the greedy policy."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from models import get_spec
+    from utils.checkpoint import load_for_eval
+    from utils.data import get_dataset
+    from utils.engine import evaluate
+
+    spec = get_spec(model)
+    rnet, agent = load_for_eval(spec, load, base_ckpt, log=lambda _msg: None)
+    testset = get_dataset(spec, data_dir, train=False)
+    result = evaluate(rnet, agent, DataLoader(testset, batch_size=batch_size), torch.device("cpu"),
+                      progress=False)
+    usage = result.policies.sum(1).numpy()
+    correct = result.matches.numpy()
+    hard = read_difficulty(data_dir) == 1
+    lines = ["    images  count  accuracy  blocks used (of %d)" % spec.num_blocks]
+    for name, sel in (("easy", ~hard), ("hard", hard)):
+        lines.append("    %-6s %6d  %8.3f  %6.2f \u00B1 %.2f" % (
+            name, sel.sum(), correct[sel].mean(), usage[sel].mean(), usage[sel].std()))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Write the demo's shapes dataset (CIFAR-10 format)")
-    p.add_argument("--out", required=True, help="data_dir to write cifar-10-batches-py/ into")
-    p.add_argument("--train", type=int, default=3000)
-    p.add_argument("--test", type=int, default=1000)
-    p.add_argument("--hard_fraction", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description="The demo's shapes dataset (CIFAR-10 format)")
+    sub = p.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="write the dataset")
+    gen.add_argument("--out", required=True, help="data_dir to write cifar-10-batches-py/ into")
+    gen.add_argument("--train", type=int, default=3000)
+    gen.add_argument("--test", type=int, default=1000)
+    gen.add_argument("--hard_fraction", type=float, default=0.5)
+    gen.add_argument("--seed", type=int, default=0)
+    cmp_ = sub.add_parser("compare", help="block usage of easy vs hard test images")
+    cmp_.add_argument("--model", default="R32_C10")
+    cmp_.add_argument("--load", required=True, help="BlockDrop checkpoint")
+    cmp_.add_argument("--data_dir", required=True)
+    cmp_.add_argument("--base_ckpt", default=None)
     args = p.parse_args(argv)
+    if args.command == "compare":
+        print(compare_difficulty(args.model, args.load, args.data_dir, args.base_ckpt))
+        return
     if args.train < 5 or args.test < 1:
         p.error("--train must be >= 5 (five training files) and --test >= 1")
     if not 0 <= args.hard_fraction <= 1:
