@@ -84,7 +84,8 @@ def test_an_existing_run_is_never_overwritten(tiny_data, tiny_args, tmp_path, ca
     before = {p: os.path.getmtime(cv / p) for p in os.listdir(cv) if p.endswith(".t7")}
     _fails(cl_training.main, argv, "already holds checkpoints", capsys, code=2)
     assert before == {p: os.path.getmtime(cv / p) for p in os.listdir(cv) if p.endswith(".t7")}
-    _fails(finetune.main, tiny_args(cv, "--resume"), "was written by the 'cl' stage", capsys, code=1)
+    _fails(finetune.main, tiny_args(cv, "--resume"), "was written by the 'cl' stage", capsys,
+           code=1)
 
 
 def test_resume_without_a_run(tiny_args, tmp_path, capsys):

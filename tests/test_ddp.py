@@ -59,8 +59,10 @@ class TinyPolicy(nn.Module):
 
 def _data():
     g = torch.Generator().manual_seed(7)
-    return (TensorDataset(torch.randn(N, D, generator=g), torch.randint(0, CLASSES, (N,), generator=g)),
-            TensorDataset(torch.randn(6, D, generator=g), torch.randint(0, CLASSES, (6,), generator=g)))
+    def make(n):
+        return TensorDataset(torch.randn(n, D, generator=g),
+                             torch.randint(0, CLASSES, (n,), generator=g))
+    return make(N), make(6)
 
 
 def train_tiny(rank: int, world: int, stage: str, out_dir: str) -> None:
@@ -142,7 +144,8 @@ def test_two_processes_match_one(stage, tiny_runs):
     rnet0, agent0 = TinyResNet(), TinyPolicy()
     assert not torch.equal(agent0.logit.weight, one["agent"]["logit.weight"])
     assert torch.equal(rnet0.fc.weight, one["resnet"]["fc.weight"]) == (stage == "cl")
-    m1, m2 = _metrics(out / "world1" / "metrics.jsonl"), _metrics(out / "world2" / "metrics.jsonl")
+    m1 = _metrics(out / "world1" / "metrics.jsonl")
+    m2 = _metrics(out / "world2" / "metrics.jsonl")
     assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2):
         for part in ("train", "test"):

@@ -37,7 +37,8 @@ def cl_run(tiny_data, tmp_path_factory):
 
 def test_cl_training_writes_the_run_folder(cl_run, capsys):
     names = [os.path.basename(p) for p in _named(cl_run)]
-    assert len(names) == 2 and names[0].startswith("ckpt_E_0_A_") and names[1].startswith("ckpt_E_2_A_")
+    assert len(names) == 2
+    assert names[0].startswith("ckpt_E_0_A_") and names[1].startswith("ckpt_E_2_A_")
     ckpt = read_checkpoint(_named(cl_run)[1])
     assert {"agent", "epoch", "reward", "acc"} <= set(ckpt) and "resnet" not in ckpt
     assert ckpt["epoch"] == 2
@@ -47,7 +48,8 @@ def test_cl_training_writes_the_run_folder(cl_run, capsys):
     lines = _metrics(cl_run)
     assert [m["epoch"] for m in lines] == [0, 1, 2]
     assert [m["cl_step"] for m in lines] == [1, 2, 3]
-    assert "test" in lines[0] and "test" not in lines[1] and lines[2]["test"]["accuracy"] == ckpt["acc"]
+    assert "test" in lines[0] and "test" not in lines[1]
+    assert lines[2]["test"]["accuracy"] == ckpt["acc"]
     assert set(lines[0]["train"]) >= {"accuracy", "reward", "block_usage", "block_usage_std",
                                       "unique_policies"}
     assert all(m["lr"] == 1e-3 for m in lines)
@@ -104,7 +106,7 @@ def test_cl_training_load_continues_the_epoch_count(tiny_data, tiny_args, cl_run
 
 def test_pretrain_writes_a_base_network_the_stages_read(tiny_data, tiny_args, tmp_path):
     cv = tmp_path / "pre"
-    pretrain_resnet.main(tiny_args(cv, "--epochs", "2", "--test_every", "1") )
+    pretrain_resnet.main(tiny_args(cv, "--epochs", "2", "--test_every", "1"))
     files = sorted(glob.glob(os.path.join(str(cv), "pk_E_*_A_*.t7")))
     assert [os.path.basename(f)[:7] for f in files] == ["pk_E_1_", "pk_E_2_"]
     rnet = build_resnet(get_spec("R32_C10"))

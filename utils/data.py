@@ -179,6 +179,7 @@ def make_loaders(trainset: Dataset, testset: Dataset, batch_size: int, workers: 
                                  shuffle=True, seed=seed, drop_last=False)
     train = DataLoader(IndexedDataset(trainset), batch_size=per_rank, sampler=sampler,
                        num_workers=workers, pin_memory=pin_memory, drop_last=False)
-    test = DataLoader(testset, batch_size=per_rank, sampler=ShardSampler(len(testset), rank, world),
+    test = DataLoader(testset, batch_size=per_rank,
+                      sampler=ShardSampler(len(testset), rank, world),
                       num_workers=workers, pin_memory=pin_memory)
     return train, test, sampler

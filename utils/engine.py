@@ -195,7 +195,8 @@ def _summary(matches: List[torch.Tensor], losses: List[float], policies: List[to
 
 
 def train_epoch(step: StepFn, loader: Iterable, optimizer: torch.optim.Optimizer,
-                device: torch.device, desc: str = "train", progress: bool = True) -> Dict[str, float]:
+                device: torch.device, desc: str = "train",
+                progress: bool = True) -> Dict[str, float]:
     """One pass over ``loader`` (batches of ``(inputs, targets, indices)``).
 
     Raises NonFiniteLossError, before the update, when a loss is NaN or infinite

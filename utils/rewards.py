@@ -18,7 +18,7 @@ def greedy_policy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def bounded_probs(probs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Exploration bound: s' = α·s + (1 − α)·(1 − s), so s' ∈ [1 − α, α] (Sec. 3.3)."""
+    """Exploration bound (Sec. 3.3): s' = α·s + (1 − α)·(1 − s), so s' ∈ [1 − α, α]."""
     return probs * alpha + (1 - probs) * (1 - alpha)
 
 
