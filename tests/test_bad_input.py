@@ -91,3 +91,11 @@ def test_an_existing_run_is_never_overwritten(tiny_data, tiny_args, tmp_path, ca
 def test_resume_without_a_run(tiny_args, tmp_path, capsys):
     _fails(cl_training.main, tiny_args(tmp_path / "empty", "--resume"), "no last.t7", capsys,
            code=2)
+
+
+def test_parallel_without_torchrun_on_several_gpus_says_how_to_run(tiny_args, tmp_path, capsys,
+                                                                    monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _fails(cl_training.main, tiny_args(tmp_path / "p", "--parallel"),
+           "launch with torchrun --nproc_per_node=4", capsys, code=2)

@@ -92,8 +92,12 @@ def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]],
 
     ``finalize`` fills in derived defaults once the model is known.
     """
+    def checked_finalize(args: argparse.Namespace) -> argparse.Namespace:
+        get_spec(args.model)  # an unknown model raises ValueError listing the valid ones
+        return finalize(args)
+
     try:
-        args, state = resolve_run(p, argv, lambda a: finalize(a) if get_spec(a.model) else a)
+        args, state = resolve_run(p, argv, checked_finalize)
     except (ConfigError, RunFolderError, CheckpointError, ValueError) as err:
         p.error(str(err))
     problems = check_common(args) + list(extra_checks(args))
