@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
 
-from models import build_policy, build_resnet, get_spec
+from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet, get_spec
 from utils.checkpoint import CheckpointError, load_blockdrop_checkpoint, read_checkpoint
-from utils.cli import (add_authors_args, add_policy_init_arg, add_run_args, fail, init_policy,
-                       epochs_for, load_base, loaders_for, parse, run_stage, start)
+from utils.cli import (Context, add_authors_args, add_policy_init_arg, add_run_args,
+                       check_checkpoint_model, epochs_for, fail, init_policy, load_base,
+                       loaders_for, parse, run_stage, start)
 from utils.data import DataError
 from utils.dist import wrap
 from utils.engine import Stage, curriculum_train_step, evaluate_policy, lr_at
@@ -55,15 +58,15 @@ def cl_step_at(flag: int, epoch: int, num_blocks: int) -> int:
     return num_blocks if flag >= num_blocks else curriculum_step(epoch, num_blocks)
 
 
-def load_models(args: argparse.Namespace, spec, resuming: bool):
+def load_models(args: argparse.Namespace, spec: ModelSpec,
+                resuming: bool) -> Tuple[FlatResNet, PolicyNet, int]:
     """Base ResNet (frozen) and policy; ``--load`` restores an agent. Returns the start epoch."""
     rnet, agent = build_resnet(spec), build_policy(spec)
     load_base(rnet, spec, args.base_ckpt)
     start_epoch = 0
     if args.load and not resuming:
         ckpt = read_checkpoint(args.load)
-        if isinstance(ckpt, dict) and ckpt.get("model", spec.name) != spec.name:
-            raise CheckpointError(f"{args.load} holds a {ckpt['model']} model, not {spec.name}")
+        check_checkpoint_model(ckpt, args.load, spec.name)
         loaded = load_blockdrop_checkpoint(args.load, None, agent, {
             k: v for k, v in ckpt.items() if k != "resnet"} if isinstance(ckpt, dict) else ckpt)
         if not loaded["agent"]:
@@ -74,7 +77,9 @@ def load_models(args: argparse.Namespace, spec, resuming: bool):
     return rnet, agent, start_epoch
 
 
-def build_stage(args, spec, rnet, agent, ddp_agent, optimizer, test_loader, ctx) -> Stage:
+def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, agent: PolicyNet,
+                ddp_agent: nn.Module, optimizer: torch.optim.Optimizer, test_loader: DataLoader,
+                ctx: Context) -> Stage:
     """What curriculum learning trains: the policy only, with the curriculum of the epoch."""
     K = spec.num_blocks
 

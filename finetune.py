@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
 
-from models import build_policy, build_resnet, get_spec
+from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet, get_spec
 from utils.checkpoint import (CheckpointError, load_blockdrop_checkpoint, load_state_strict,
                               policy_state, read_checkpoint)
-from utils.cli import (add_authors_args, add_policy_init_arg, add_run_args, fail, init_policy,
-                       epochs_for, load_base, loaders_for, parse, run_stage, start)
+from utils.cli import (Context, add_authors_args, add_policy_init_arg, add_run_args,
+                       check_checkpoint_model, epochs_for, fail, init_policy, load_base,
+                       loaders_for, parse, run_stage, start)
 from utils.data import DataError
 from utils.dist import wrap
 from utils.engine import Stage, evaluate_policy, finetune_train_step, lr_at
@@ -43,16 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_model(ckpt, path: str, name: str) -> None:
-    """Our checkpoints record their model; refuse one written for another model."""
-    if isinstance(ckpt, dict) and ckpt.get("model", name) != name:
-        raise CheckpointError(f"{path} holds a {ckpt['model']} model, not {name}")
-
-
 def load_pretrained_policy(agent: torch.nn.Module, path: str, name: str) -> None:
     """``--pretrained``: the agent of a curriculum checkpoint (``agent`` or old ``net``)."""
     ckpt = read_checkpoint(path)
-    check_model(ckpt, path, name)
+    check_checkpoint_model(ckpt, path, name)
     state = ckpt.get("agent", ckpt.get("net")) if isinstance(ckpt, dict) else None
     if state is None:
         raise CheckpointError(f"--pretrained {path} is not a policy checkpoint: no 'agent' "
@@ -60,13 +57,14 @@ def load_pretrained_policy(agent: torch.nn.Module, path: str, name: str) -> None
     load_state_strict(agent, policy_state(state), path, "policy network")
 
 
-def load_models(args: argparse.Namespace, spec, resuming: bool):
+def load_models(args: argparse.Namespace, spec: ModelSpec,
+                resuming: bool) -> Tuple[FlatResNet, PolicyNet, int]:
     """ResNet and policy as the authors' finetune.py set them up; returns the start epoch."""
     rnet, agent = build_resnet(spec), build_policy(spec)
     if resuming:  # last.t7 holds both networks
         return rnet, agent, 0
     ckpt = read_checkpoint(args.load) if args.load else None
-    check_model(ckpt, args.load, spec.name)
+    check_checkpoint_model(ckpt, args.load, spec.name)
     if not (isinstance(ckpt, dict) and "resnet" in ckpt):
         load_base(rnet, spec, args.base_ckpt)
     if args.pretrained:
@@ -81,8 +79,9 @@ def load_models(args: argparse.Namespace, spec, resuming: bool):
     return rnet, agent, int(ckpt.get("epoch", -1)) + 1
 
 
-def build_stage(args, spec, rnet, agent, ddp_rnet, ddp_agent, optimizer, test_loader,
-                ctx) -> Stage:
+def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, agent: PolicyNet,
+                ddp_rnet: nn.Module, ddp_agent: nn.Module, optimizer: torch.optim.Optimizer,
+                test_loader: DataLoader, ctx: Context) -> Stage:
     """What finetuning trains: both networks, no curriculum."""
     K = spec.num_blocks
 

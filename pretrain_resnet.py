@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
-from models import MODEL_SPECS, FlatResNet, build_resnet, get_spec
+from models import MODEL_SPECS, FlatResNet, ModelSpec, build_resnet, get_spec
 from utils.checkpoint import CheckpointError, load_base_resnet
-from utils.cli import add_run_args, fail, loaders_for, parse, run_stage, start
+from utils.cli import Context, add_run_args, fail, loaders_for, parse, run_stage, start
 from utils.data import DataError
 from utils.dist import wrap
 from utils.engine import (Stage, classifier_train_step, evaluate_classifier, multistep_lr,
@@ -92,7 +93,8 @@ def fill_recipe(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check(args: argparse.Namespace):
+def check(args: argparse.Namespace) -> List[str]:
+    """Problems with the pretraining options (empty if none)."""
     problems = [] if args.epochs >= 1 else [f"--epochs must be >= 1, got {args.epochs}"]
     if any(m < 1 for m in args.milestones):
         problems.append(f"--milestones must be >= 1, got {args.milestones}")
@@ -103,7 +105,10 @@ def check(args: argparse.Namespace):
     return problems
 
 
-def build_stage(args, spec, rnet, model, optimizer, test_loader, ctx) -> Stage:
+def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, model: nn.Module,
+                optimizer: torch.optim.Optimizer, test_loader: DataLoader,
+                ctx: Context) -> Stage:
+    """What pretraining trains: the ResNet with every block kept, plain cross-entropy."""
     def named_checkpoint(epoch: int, stats):
         done = epoch + 1
         return "pk_E_%d_A_%.3f.t7" % (done, stats["accuracy"]), {

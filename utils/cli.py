@@ -129,6 +129,12 @@ def fail(prog: str, err: BaseException) -> NoReturn:
     sys.exit(f"{prog}: error: {err}")
 
 
+def check_checkpoint_model(ckpt, path: str, name: str) -> None:
+    """Our checkpoints record their model (``model``); refuse one written for another."""
+    if isinstance(ckpt, dict) and ckpt.get("model", name) != name:
+        raise CheckpointError(f"{path} holds a {ckpt['model']} model, not {name}")
+
+
 def load_base(rnet: torch.nn.Module, spec, path: Optional[str]) -> str:
     """Load the pretrained base ResNet (``--base_ckpt`` or the spec's default path)."""
     path = path or spec.base_checkpoint
