@@ -53,11 +53,14 @@ def test_precedence_defaults_yaml_flags(tmp_path):
 def test_saved_config_sits_below_yaml_and_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lr: 0.5\n")
-    saved = {"lr": 0.25, "beta": 0.3, "batch_size": 16, "resume": False, "config": "old.yaml"}
+    saved = {"lr": 0.25, "beta": 0.3, "batch_size": 16, "resume": False, "config": "old.yaml",
+             "device": "cuda:3", "workers": 9}
     args = resolve(cl_training.build_parser(), ["--config", str(cfg), "--batch_size", "4"],
                    saved=saved)
     assert (args.lr, args.beta, args.batch_size) == (0.5, 0.3, 4)
     assert args.config == str(cfg)
+    # the machine's own settings are not taken from the run being resumed
+    assert args.device != "cuda:3" and args.workers != 9
 
 
 @pytest.mark.parametrize("text, message", [

@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
-# keys that steer this invocation only and are never taken from a saved config
-RUN_CONTROL_KEYS = ("config", "resume")
+# keys that steer this invocation or describe this machine: never taken from a saved config
+RUN_CONTROL_KEYS = ("config", "resume", "device", "workers", "no_progress")
 
 
 class ConfigError(ValueError):
