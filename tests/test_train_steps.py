@@ -1,7 +1,8 @@
 """The training steps on a real batch: curriculum forcing, what each stage updates."""
 import torch
 
-from models import get_model
+from models import get_model, get_spec
+from utils.data import get_dataset
 from utils.engine import (curriculum_train_step, finetune_train_step, lr_at, multistep_lr,
                           train_epoch)
 from utils.rewards import bounded_probs, greedy_policy, sample_policy
@@ -27,9 +28,10 @@ def _flip_noise(agent, inputs):
     return greedy * 0.99
 
 
-def test_curriculum_forcing_masks_the_first_blocks():
+def test_curriculum_forcing_masks_the_first_blocks(tiny_data):
     rnet, agent = _models()
-    inputs = _batch()
+    trainset = get_dataset(get_spec("R32_C10"), tiny_data["data_dir"], train=True)
+    inputs = torch.stack([trainset[i][0] for i in range(4)])  # a real, augmented batch
     with torch.no_grad():  # labels the base network gets right with every block: rewards differ
         targets = rnet.forward_full(inputs).argmax(1)
     noise = _flip_noise(agent, inputs)
