@@ -14,7 +14,7 @@ from typing import Callable, List, Tuple
 
 import torchvision.datasets as tvd
 import torchvision.transforms as T
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from models.specs import ModelSpec
 
@@ -132,3 +132,54 @@ def write_cifar_folder(root: str, images, labels, train: bool, num_classes: int 
     with open(os.path.join(folder, cls.meta["filename"]), "wb") as f:
         pickle.dump({meta_key: [f"class{i}" for i in range(num_classes)]}, f)
     return folder
+
+
+class IndexedDataset(Dataset):
+    """Yields ``(image, label, index)``: the index keys the per-image policy noise."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+class ShardSampler(Sampler):
+    """Every ``world``-th index from ``rank``, in order, without padding (evaluation)."""
+
+    def __init__(self, size: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, size, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loaders(trainset: Dataset, testset: Dataset, batch_size: int, workers: int, seed: int,
+                 rank: int = 0, world: int = 1, pin_memory: bool = False):
+    """``(train_loader, test_loader, train_sampler)`` for one process of ``world``.
+
+    ``batch_size`` is the global batch, split evenly over the processes. The
+    training order is a permutation seeded by ``seed + epoch`` (call
+    ``train_sampler.set_epoch``), the same for any number of processes: the
+    global batch t holds the same images. Training batches are
+    ``(images, labels, indices)``.
+    """
+    if batch_size % world:
+        raise ValueError(f"--batch_size {batch_size} must be divisible by the number of "
+                         f"processes ({world})")
+    per_rank = batch_size // world
+    sampler = DistributedSampler(IndexedDataset(trainset), num_replicas=world, rank=rank,
+                                 shuffle=True, seed=seed, drop_last=False)
+    train = DataLoader(IndexedDataset(trainset), batch_size=per_rank, sampler=sampler,
+                       num_workers=workers, pin_memory=pin_memory, drop_last=False)
+    test = DataLoader(testset, batch_size=per_rank,
+                      sampler=ShardSampler(len(testset), rank, world),
+                      num_workers=workers, pin_memory=pin_memory)
+    return train, test, sampler

@@ -1,21 +1,34 @@
 """The loops shared by every entry point (STYLE: one engine).
 
 ``evaluate`` is the greedy-policy evaluation of test.py and of the training
-scripts' periodic test (paper Sec. 4, SPEC sections 4-5).
+scripts' periodic test (paper Sec. 4, SPEC sections 4-5). The training steps
+of curriculum learning and joint finetuning (paper Sec. 3.3, Alg. 1), of base
+network pretraining, and the epoch loop :func:`fit` that all training scripts
+share follow it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Optional
+import contextlib
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import FlatResNet, PolicyNet
+from utils.checkpoint import CheckpointError, load_state_strict, save_checkpoint
+from utils.dist import DistInfo, all_true, gather_cat, gather_objects, unwrap
 from utils.flops import FlopTable
-from utils.rewards import apply_curriculum, curriculum_mask, greedy_policy, reward
-from utils.stats import PolicyStats, policy_stats
+from utils.rewards import (advantage, apply_curriculum, bounded_probs, curriculum_loss,
+                           curriculum_mask, finetune_loss, greedy_policy, reward, sample_policy)
+from utils.run import LAST, RunLog
+from utils.seeding import rng_state, set_rng_state
+from utils.stats import PolicyStats, mean32, policy_stats
 
 
 @dataclass
@@ -60,3 +73,260 @@ def evaluate(rnet: FlatResNet, agent: PolicyNet, loader: Iterable, device: torch
     rew = torch.cat(rewards) if rewards else None
     per_image = flops.per_image(pol).numpy() if flops is not None else None
     return EvalResult(pol, mat, rew, per_image, policy_stats(pol, mat, rew))
+
+
+# ---------------------------------------------------------------------------
+# Training (paper Sec. 3.3, Alg. 1; SPEC section 4)
+# ---------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops before the bad update."""
+
+
+@dataclass
+class StepOutput:
+    """What one training step returns: the loss to minimise and what the log counts."""
+
+    loss: torch.Tensor
+    match: torch.Tensor  # (B,) 1 where the prediction (under the sampled policy) is right
+    policy: Optional[torch.Tensor] = None  # (B, K) the sampled policy
+    reward: Optional[torch.Tensor] = None  # (B,) its reward
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], StepOutput]
+
+
+def lr_at(epoch: int, lr0: float, decay: float, epoch_step: int) -> float:
+    """The authors' LrScheduler: ``lr0 · decay^(epoch // epoch_step)``."""
+    return lr0 * decay ** (epoch // epoch_step)
+
+
+def multistep_lr(epoch: int, lr0: float, decay: float, milestones: Sequence[int]) -> float:
+    """``lr0 · decay^(number of milestones <= epoch)`` (base-network pretraining)."""
+    return lr0 * decay ** sum(epoch >= m for m in milestones)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast(amp: str, device: torch.device):
+    """``torch.autocast`` in bfloat16 for ``amp == "bf16"``, else a no-op context."""
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def policy_pass(agent: nn.Module, inputs: torch.Tensor, alpha: float, noise: torch.Tensor,
+                cl_step: Optional[int] = None):
+    """The policy's forward pass of a training step.
+
+    Returns ``(s', ũ, u, mask)``: bounded probabilities (with gradient), greedy and
+    sampled policies, and the curriculum mask (None when every block is decided).
+    With ``cl_step < K`` the first ``K − cl_step`` blocks are forced to 1 in both.
+    """
+    probs, _ = agent(inputs)
+    probs = probs.float()
+    greedy = greedy_policy(probs.detach())
+    bprobs = bounded_probs(probs, alpha)
+    sampled = sample_policy(bprobs.detach(), noise)
+    num_blocks = probs.shape[1]
+    if cl_step is None or cl_step >= num_blocks:
+        return bprobs, greedy, sampled, None
+    mask = curriculum_mask(len(inputs), num_blocks, cl_step, probs.device)
+    return bprobs, apply_curriculum(greedy, mask), apply_curriculum(sampled, mask), mask
+
+
+def curriculum_train_step(rnet: FlatResNet, agent: nn.Module, inputs: torch.Tensor,
+                          targets: torch.Tensor, noise: torch.Tensor, *, alpha: float,
+                          beta: float, penalty: float, cl_step: int, dynamic: bool = True,
+                          amp: str = "none") -> StepOutput:
+    """Curriculum learning: frozen ResNet (no gradient), both policies in one pass."""
+    with autocast(amp, inputs.device):
+        bprobs, greedy, sampled, mask = policy_pass(agent, inputs, alpha, noise, cl_step)
+        with torch.no_grad():
+            preds_greedy, preds_sampled = rnet.forward_policies(
+                inputs, [greedy, sampled], dynamic=dynamic)
+    reward_greedy, _ = reward(preds_greedy.float(), targets, greedy, penalty)
+    reward_sampled, match = reward(preds_sampled.float(), targets, sampled, penalty)
+    if mask is None:
+        mask = torch.ones_like(sampled)
+    loss = curriculum_loss(bprobs, sampled, advantage(reward_sampled, reward_greedy), mask, beta)
+    return StepOutput(loss, match, sampled, reward_sampled)
+
+
+def finetune_train_step(rnet: nn.Module, agent: nn.Module, inputs: torch.Tensor,
+                        targets: torch.Tensor, noise: torch.Tensor, *, alpha: float,
+                        penalty: float, world_size: int = 1, amp: str = "none") -> StepOutput:
+    """Joint finetuning: greedy pass without gradient, sampled pass with gradient through
+    the masked forward (the ResNet in train mode), as in the authors' finetune.py."""
+    with autocast(amp, inputs.device):
+        bprobs, greedy, sampled, _ = policy_pass(agent, inputs, alpha, noise)
+        with torch.no_grad():
+            preds_greedy = rnet(inputs, greedy)
+        preds_sampled = rnet(inputs, sampled)
+    reward_greedy, _ = reward(preds_greedy.float(), targets, greedy, penalty)
+    reward_sampled, match = reward(preds_sampled.float(), targets, sampled, penalty)
+    loss = finetune_loss(bprobs, sampled, advantage(reward_sampled, reward_greedy),
+                         preds_sampled.float(), targets, sum_scale=world_size)
+    return StepOutput(loss, match, sampled, reward_sampled)
+
+
+def classifier_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                          amp: str = "none") -> StepOutput:
+    """Plain cross-entropy training of a base ResNet (every block kept)."""
+    with autocast(amp, inputs.device):
+        preds = model(inputs)
+    loss = F.cross_entropy(preds.float(), targets)
+    return StepOutput(loss, (preds.argmax(1) == targets).float())
+
+
+def _summary(matches: List[torch.Tensor], losses: List[float], policies: List[torch.Tensor],
+             rewards: List[torch.Tensor]) -> Dict[str, float]:
+    """Epoch statistics over all processes: the authors' policy statistics, or accuracy."""
+    match = gather_cat(torch.cat(matches))
+    loss = gather_cat(torch.tensor(losses, dtype=torch.float64))
+    if not policies:
+        return {"accuracy": mean32(match.numpy()), "loss": float(loss.mean())}
+    stats = policy_stats(gather_cat(torch.cat(policies)), match, gather_cat(torch.cat(rewards)))
+    return {**asdict(stats), "loss": float(loss.mean())}
+
+
+def train_epoch(step: StepFn, loader: Iterable, optimizer: torch.optim.Optimizer,
+                device: torch.device, desc: str = "train",
+                progress: bool = True) -> Dict[str, float]:
+    """One pass over ``loader`` (batches of ``(inputs, targets, indices)``).
+
+    Raises NonFiniteLossError, before the update, when a loss is NaN or infinite
+    on any process. Returns the epoch's statistics gathered over all processes.
+    """
+    matches, losses, policies, rewards = [], [], [], []
+    for batch, (inputs, targets, indices) in enumerate(
+            tqdm(loader, desc=desc, disable=not progress, leave=False)):
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        out = step(inputs, targets, indices)
+        value = out.loss.detach().item()
+        if not all_true(math.isfinite(value)):
+            raise NonFiniteLossError(f"non-finite loss ({value}) at batch {batch} of {desc}")
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        losses.append(value)
+        matches.append(out.match.detach().float().cpu())
+        if out.policy is not None:
+            policies.append(out.policy.detach().to(torch.uint8).cpu())
+            rewards.append(out.reward.detach().float().cpu())
+    return _summary(matches, losses, policies, rewards)
+
+
+def evaluate_policy(rnet: FlatResNet, agent: PolicyNet, loader: Iterable, device: torch.device,
+                    penalty: float, cl_step: Optional[int] = None, dynamic: bool = True,
+                    progress: bool = True) -> Dict[str, float]:
+    """Greedy-policy test statistics, gathered over processes that each hold a shard."""
+    result = evaluate(unwrap(rnet), unwrap(agent), loader, device, penalty=penalty,
+                      cl_step=cl_step, dynamic=dynamic, progress=progress)
+    stats = policy_stats(gather_cat(result.policies), gather_cat(result.matches),
+                         gather_cat(result.rewards))
+    return asdict(stats)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: Iterable, device: torch.device,
+                        progress: bool = True) -> Dict[str, float]:
+    """Test accuracy and mean cross-entropy of a plain classifier, over all shards."""
+    model = unwrap(model)
+    model.eval()
+    matches, losses = [], []
+    for inputs, targets in tqdm(loader, desc="test", disable=not progress, leave=False):
+        inputs, targets = inputs.to(device), targets.to(device)
+        preds = model(inputs)
+        losses.append(F.cross_entropy(preds, targets, reduction="none").cpu())
+        matches.append((preds.argmax(1) == targets).float().cpu())
+    match, loss = gather_cat(torch.cat(matches)), gather_cat(torch.cat(losses))
+    return {"accuracy": mean32(match.numpy()), "loss": float(loss.double().mean())}
+
+
+# ---------------------------------------------------------------------------
+# The epoch loop shared by every training script
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """What a script trains; :func:`fit` runs it. ``modules`` are the unwrapped
+    networks, keyed as in the checkpoints (``agent``, ``resnet``)."""
+
+    name: str
+    modules: Dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    train_modes: Callable[[], None]  # put the networks in their training modes
+    step_for: Callable[[int], StepFn]  # the training step of an epoch
+    test: Callable[[int], Dict[str, float]]  # test statistics at an epoch
+    lr_for: Callable[[int], float]
+    named_checkpoint: Callable[[int, Dict[str, float]], Tuple[str, Dict[str, Any]]]
+    extra_for: Callable[[int], Dict[str, Any]] = lambda epoch: {}
+
+
+@dataclass
+class Loop:
+    """Where a run goes: its epochs, when it tests, and where it writes."""
+
+    epochs: range
+    first_epoch: int  # the first epoch of the run (kept across resumes)
+    test_due: Callable[[int], bool]
+    cv_dir: str
+    model: str
+    config: Dict[str, Any]
+    progress: bool = True
+
+
+def restore(stage: Stage, state: Dict[str, Any], source: str) -> int:
+    """Load a ``last.t7`` into the stage's networks and optimizer; returns its epoch."""
+    if state.get("stage") != stage.name:
+        raise CheckpointError(f"{source} was written by the {state.get('stage')!r} stage, "
+                              f"not {stage.name!r}")
+    for key, module in stage.modules.items():
+        if key not in state:
+            raise CheckpointError(f"{source} has no '{key}' entry")
+        load_state_strict(module, state[key], source, key)
+    stage.optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"])
+
+
+def save_last(stage: Stage, loop: Loop, epoch: int, info: DistInfo) -> None:
+    """Write ``last.t7`` (main process), with the random states of every process."""
+    states = gather_objects(rng_state())
+    if not info.is_main:
+        return
+    payload: Dict[str, Any] = {k: m.state_dict() for k, m in stage.modules.items()}
+    payload.update(optimizer=stage.optimizer.state_dict(), epoch=epoch,
+                   first_epoch=loop.first_epoch, rng=states, config=loop.config,
+                   model=loop.model, stage=stage.name)
+    save_checkpoint(payload, os.path.join(loop.cv_dir, LAST))
+
+
+def fit(stage: Stage, loop: Loop, loader: Iterable, sampler, device: torch.device,
+        info: DistInfo, log: RunLog, rng_states: Optional[List[Dict[str, Any]]] = None) -> None:
+    """Train ``stage`` over ``loop.epochs``: set the lr, train, test when due, save.
+
+    ``sampler.set_epoch`` makes the data order a function of (seed, epoch);
+    ``rng_states`` (from ``last.t7``) restores the global random states first.
+    """
+    if rng_states:
+        set_rng_state(rng_states[min(info.rank, len(rng_states) - 1)])
+    for epoch in loop.epochs:
+        lr = stage.lr_for(epoch)
+        set_lr(stage.optimizer, lr)
+        sampler.set_epoch(epoch)
+        stage.train_modes()
+        train = train_epoch(stage.step_for(epoch), loader, stage.optimizer, device,
+                            desc=f"epoch {epoch}", progress=loop.progress and info.is_main)
+        test = stage.test(epoch) if loop.test_due(epoch) else None
+        if test is not None and info.is_main:
+            name, payload = stage.named_checkpoint(epoch, test)
+            save_checkpoint(payload, os.path.join(loop.cv_dir, name))
+        log.epoch(epoch, lr, train, test, **stage.extra_for(epoch))
+        save_last(stage, loop, epoch, info)

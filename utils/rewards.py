@@ -18,8 +18,18 @@ def greedy_policy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def bounded_probs(probs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Exploration bound: s' = α·s + (1 − α)·(1 − s), so s' ∈ [1 − α, α] (Sec. 3.3)."""
+    """Exploration bound (Sec. 3.3): s' = α·s + (1 − α)·(1 − s), so s' ∈ [1 − α, α]."""
     return probs * alpha + (1 - probs) * (1 - alpha)
+
+
+def sample_policy(bprobs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """u ~ Bernoulli(s') (Sec. 3.3): u_k = 1 where the uniform noise lies below s'_k.
+
+    The noise is passed in so that a sample is reproducible per image
+    (``utils.seeding.keyed_uniform``); ``noise = torch.rand_like(bprobs)`` is
+    ordinary Bernoulli sampling.
+    """
+    return (noise.to(bprobs.device) < bprobs).to(bprobs.dtype)
 
 
 def block_reward(policy: torch.Tensor, correct: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -82,7 +92,13 @@ def curriculum_loss(bprobs: torch.Tensor, policy: torch.Tensor, adv: torch.Tenso
 
 
 def finetune_loss(bprobs: torch.Tensor, policy: torch.Tensor, adv: torch.Tensor,
-                  preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Joint-finetuning loss: Σ_i (−Σ_k log π(u_ik))·A_i + mean_i CE(f(x_i; u_i), y_i)."""
+                  preds: torch.Tensor, targets: torch.Tensor,
+                  sum_scale: float = 1.0) -> torch.Tensor:
+    """Joint-finetuning loss: Σ_i (−Σ_k log π(u_ik))·A_i + mean_i CE(f(x_i; u_i), y_i).
+
+    The first term is a sum over the (global) batch. With W data-parallel
+    processes each holding 1/W of the batch, DDP averages their gradients, so
+    each passes ``sum_scale = W`` to keep the sum; the mean term needs nothing.
+    """
     pg = (-policy_log_prob(bprobs, policy).sum(1) * adv).sum()
-    return pg + F.cross_entropy(preds, targets)
+    return sum_scale * pg + F.cross_entropy(preds, targets)

@@ -1,0 +1,136 @@
+"""Curriculum learning of the BlockDrop policy (paper Sec. 3.3, Alg. 1; SPEC section 4).
+
+The pretrained ResNet is frozen (eval mode, no gradient); only the policy
+network is trained, with Adam. At epoch e the policy decides the last
+``min(e + 1, K)`` blocks; the others are kept and their log-probabilities
+masked out. The authors' command line works unchanged, e.g.
+
+    python cl_training.py --model R110_C10 --cv_dir cv/R110_C10_cl/ --lr 1e-3 \\
+        --batch_size 2048 --max_epochs 5000
+
+and so do ``--config configs/cl/R110_C10.yaml``, ``--resume`` and
+``torchrun --nproc_per_node=N cl_training.py ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet, get_spec
+from utils.checkpoint import CheckpointError, load_blockdrop_checkpoint, read_checkpoint
+from utils.cli import (Context, add_authors_args, add_policy_init_arg, add_run_args,
+                       check_checkpoint_model, epochs_for, fail, init_policy, load_base,
+                       loaders_for, parse, run_stage, start)
+from utils.data import DataError
+from utils.dist import wrap
+from utils.engine import Stage, curriculum_train_step, evaluate_policy, lr_at
+from utils.rewards import curriculum_step
+from utils.run import blockdrop_name
+from utils.seeding import keyed_uniform
+
+PROG = "cl_training.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="BlockDrop curriculum learning")
+    add_authors_args(p, lr=1e-3, epoch_step=10000, max_epochs=10000, penalty=-1.0,
+                     load_help="checkpoint to load the agent from; the epoch count continues")
+    p.add_argument("--beta", type=float, default=1e-1, help="entropy multiplier")
+    p.add_argument("--cl_step", type=int, default=1,
+                   help="curriculum: below K the policy decides the last min(epoch+1, K) blocks "
+                        "(the value itself is not used, as in the authors' code); K or more "
+                        "disables the curriculum")
+    add_run_args(p)
+    add_policy_init_arg(p)
+    p.add_argument("--masked", action="store_true",
+                   help="run the ResNet masked (every block for every image, the authors' way) "
+                        "instead of per-image dynamic execution; same numbers")
+    return p
+
+
+def cl_step_at(flag: int, epoch: int, num_blocks: int) -> int:
+    """The blocks the policy decides at ``epoch``: K when ``--cl_step >= K``, else min(e+1, K)."""
+    return num_blocks if flag >= num_blocks else curriculum_step(epoch, num_blocks)
+
+
+def load_models(args: argparse.Namespace, spec: ModelSpec,
+                resuming: bool) -> Tuple[FlatResNet, PolicyNet, int]:
+    """Base ResNet (frozen) and policy; ``--load`` restores an agent. Returns the start epoch."""
+    rnet, agent = build_resnet(spec), build_policy(spec)
+    load_base(rnet, spec, args.base_ckpt)
+    start_epoch = 0
+    if args.load and not resuming:
+        ckpt = read_checkpoint(args.load)
+        check_checkpoint_model(ckpt, args.load, spec.name)
+        loaded = load_blockdrop_checkpoint(args.load, None, agent, {
+            k: v for k, v in ckpt.items() if k != "resnet"} if isinstance(ckpt, dict) else ckpt)
+        if not loaded["agent"]:
+            raise CheckpointError(f"{args.load} holds no policy network ('agent')")
+        start_epoch = int(ckpt.get("epoch", -1)) + 1
+    elif not resuming:
+        init_policy(agent, spec, args.policy_init)
+    return rnet, agent, start_epoch
+
+
+def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, agent: PolicyNet,
+                ddp_agent: nn.Module, optimizer: torch.optim.Optimizer, test_loader: DataLoader,
+                ctx: Context) -> Stage:
+    """What curriculum learning trains: the policy only, with the curriculum of the epoch."""
+    K = spec.num_blocks
+
+    def train_modes() -> None:
+        rnet.eval()
+        ddp_agent.train()
+
+    def step_for(epoch: int):
+        cl = cl_step_at(args.cl_step, epoch, K)
+
+        def step(inputs, targets, indices):
+            noise = keyed_uniform(args.seed, epoch, indices, K)
+            return curriculum_train_step(rnet, ddp_agent, inputs, targets, noise, alpha=args.alpha,
+                                         beta=args.beta, penalty=args.penalty, cl_step=cl,
+                                         dynamic=not args.masked, amp=args.amp)
+        return step
+
+    def test(epoch: int):
+        return evaluate_policy(rnet, agent, test_loader, ctx.device, args.penalty,
+                               cl_step=cl_step_at(args.cl_step, epoch, K), dynamic=not args.masked,
+                               progress=not args.no_progress and ctx.info.is_main)
+
+    def named_checkpoint(epoch: int, stats):
+        return blockdrop_name(epoch, stats), {
+            "agent": agent.state_dict(), "epoch": epoch, "reward": stats["reward"],
+            "acc": stats["accuracy"], "model": spec.name}
+
+    return Stage("cl", {"agent": agent}, optimizer, train_modes, step_for, test,
+                 lambda e: lr_at(e, args.lr, args.lr_decay_ratio, args.epoch_step),
+                 named_checkpoint, lambda e: {"cl_step": cl_step_at(args.cl_step, e, K)})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = build_parser()
+    args, state = parse(parser, argv)
+    ctx = start(args)
+    try:
+        spec = get_spec(args.model)
+        rnet, agent, start_epoch = load_models(args, spec, state is not None)
+        train_loader, test_loader, sampler = loaders_for(args, spec, ctx)
+        rnet.to(ctx.device).eval().requires_grad_(False)
+        agent.to(ctx.device)
+        ddp_agent = wrap(agent, ctx.device, ctx.info)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, weight_decay=args.wd)
+        stage = build_stage(args, spec, rnet, agent, ddp_agent, optimizer, test_loader, ctx)
+        epochs, first = epochs_for(stage, state, start_epoch, args.max_epochs)
+    except (ValueError, CheckpointError, DataError) as err:
+        fail(PROG, err)
+    run_stage(PROG, args, stage, epochs, first,
+              lambda e: e % args.test_every == 0, train_loader, sampler, ctx, state)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

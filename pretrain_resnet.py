@@ -1,0 +1,152 @@
+"""Train the base ResNets that BlockDrop starts from (paper Sec. 4; SPEC sections 1-3).
+
+The authors took their base networks from ``img_classification_pk_pytorch``
+(CIFAR) and torchvision (ImageNet); this script trains equivalent ones:
+
+* CIFAR: SGD (momentum 0.9, weight decay 1e-4), batch 128, lr 0.1 for 164
+  epochs, ×0.1 at 50% and 75% of the epochs;
+* ImageNet: the standard recipe, batch 256, lr 0.1 for 90 epochs, ×0.1 every
+  30; ``--init_torchvision <resnet101 state dict>`` starts from torchvision's
+  weights instead of random ones (nothing is downloaded).
+
+It writes ``pk_E_<epochs>_A_<acc>.t7`` files (``{'state_dict': ...}``, the layout
+of the authors' base networks) to ``--cv_dir``, by default the folder of the
+model's default base checkpoint, ``cv/pretrained/<model>/``. Pass such a file
+to cl_training.py / finetune.py / test.py with ``--base_ckpt``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from models import MODEL_SPECS, FlatResNet, ModelSpec, build_resnet, get_spec
+from utils.checkpoint import CheckpointError, load_base_resnet
+from utils.cli import Context, add_run_args, fail, loaders_for, parse, run_stage, start
+from utils.data import DataError
+from utils.dist import wrap
+from utils.engine import (Stage, classifier_train_step, evaluate_classifier, multistep_lr,
+                          restore)
+from utils.run import LAST
+
+PROG = "pretrain_resnet.py"
+RECIPES = {  # dataset kind -> (batch size, epochs)
+    "cifar": (128, 164),
+    "imagenet": (256, 90),
+}
+
+
+class FullResNet(nn.Module):
+    """The base ResNet with every block kept, as a module DDP can wrap."""
+
+    def __init__(self, rnet: FlatResNet):
+        super().__init__()
+        self.rnet = rnet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnet.forward_full(x)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Train a base ResNet. Writes pk_E_<epochs>_A_<acc>.t7 (the "
+        "authors' base-network layout) to --cv_dir, by default cv/pretrained/<model>/; pass it "
+        "to the BlockDrop stages with --base_ckpt.")
+    p.add_argument("--model", default="R110_C10", help=f"one of {', '.join(MODEL_SPECS)}")
+    p.add_argument("--data_dir", default="data/", help="data directory")
+    p.add_argument("--cv_dir", default=None,
+                   help="run folder (default: cv/pretrained/<model>/, the folder of the model's "
+                        "default base checkpoint); refused if it already holds checkpoints")
+    p.add_argument("--lr", type=float, default=0.1, help="initial learning rate")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="global batch size (default: CIFAR 128, ImageNet 256)")
+    p.add_argument("--epochs", type=int, default=None, help="default: CIFAR 164, ImageNet 90")
+    p.add_argument("--milestones", type=int, nargs="+", default=None,
+                   help="epochs at which lr *= lr_decay_ratio (default: CIFAR 50%% and 75%% of "
+                        "the epochs, ImageNet every 30)")
+    p.add_argument("--lr_decay_ratio", type=float, default=0.1)
+    p.add_argument("--init_torchvision", default=None,
+                   help="ImageNet: torchvision resnet101 state-dict file to start from")
+    p.add_argument("--parallel", action="store_true",
+                   help="use all GPUs: launch with torchrun --nproc_per_node=<GPUs>")
+    add_run_args(p, test_every=10, base_ckpt=False)
+    return p
+
+
+def fill_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the dataset's recipe into the options left unset (None)."""
+    spec = get_spec(args.model)
+    batch, epochs = RECIPES[spec.arch]
+    args.cv_dir = args.cv_dir or os.path.dirname(spec.base_checkpoint)
+    args.batch_size = args.batch_size or batch
+    args.epochs = args.epochs if args.epochs is not None else epochs
+    if args.milestones is None:
+        args.milestones = ([args.epochs // 2, args.epochs * 3 // 4] if spec.arch == "cifar"
+                           else list(range(30, args.epochs, 30)))
+    return args
+
+
+def check(args: argparse.Namespace) -> List[str]:
+    """Problems with the pretraining options (empty if none)."""
+    problems = [] if args.epochs >= 1 else [f"--epochs must be >= 1, got {args.epochs}"]
+    if any(m < 1 for m in args.milestones):
+        problems.append(f"--milestones must be >= 1, got {args.milestones}")
+    if args.momentum is not None and args.momentum < 0:
+        problems.append(f"--momentum must be >= 0, got {args.momentum}")
+    if args.init_torchvision and get_spec(args.model).arch != "imagenet":
+        problems.append("--init_torchvision applies to ImageNet models only")
+    return problems
+
+
+def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, model: nn.Module,
+                optimizer: torch.optim.Optimizer, test_loader: DataLoader,
+                ctx: Context) -> Stage:
+    """What pretraining trains: the ResNet with every block kept, plain cross-entropy."""
+    def named_checkpoint(epoch: int, stats):
+        done = epoch + 1
+        return "pk_E_%d_A_%.3f.t7" % (done, stats["accuracy"]), {
+            "state_dict": rnet.state_dict(), "epoch": done, "acc": stats["accuracy"],
+            "model": spec.name}
+
+    return Stage(
+        "pretrain", {"resnet": rnet}, optimizer, model.train,
+        lambda epoch: lambda x, y, idx: classifier_train_step(model, x, y, amp=args.amp),
+        lambda epoch: evaluate_classifier(FullResNet(rnet), test_loader, ctx.device,
+                                          not args.no_progress and ctx.info.is_main),
+        lambda e: multistep_lr(e, args.lr, args.lr_decay_ratio, args.milestones),
+        named_checkpoint)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = build_parser()
+    args, state = parse(parser, argv, check, finalize=fill_recipe)
+    ctx = start(args)
+    try:
+        spec = get_spec(args.model)
+        rnet = build_resnet(spec)
+        if args.init_torchvision and state is None:
+            load_base_resnet(rnet, args.init_torchvision)
+        train_loader, test_loader, sampler = loaders_for(args, spec, ctx)
+        rnet.to(ctx.device)
+        model = wrap(FullResNet(rnet), ctx.device, ctx.info)
+        optimizer = torch.optim.SGD(rnet.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.wd)
+        stage = build_stage(args, spec, rnet, model, optimizer, test_loader, ctx)
+        start_epoch = restore(stage, state, LAST) + 1 if state is not None else 0
+    except (ValueError, CheckpointError, DataError) as err:
+        fail(PROG, err)
+    last = args.epochs - 1
+    run_stage(PROG, args, stage, range(start_epoch, args.epochs), 0,
+              lambda e: (e + 1) % args.test_every == 0 or e == last, train_loader, sampler,
+              ctx, state)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

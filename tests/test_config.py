@@ -1,0 +1,81 @@
+"""Configuration: defaults -> YAML -> explicit flags; every YAML in configs/ resolves."""
+import glob
+import os
+
+import pytest
+import yaml
+
+import cl_training
+import finetune
+import pretrain_resnet
+from models import get_spec
+from utils.config import ConfigError, check_common, resolve
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARSERS = {"cl": cl_training.build_parser, "finetune": finetune.build_parser,
+           "pretrain": pretrain_resnet.build_parser}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml"))))
+def test_every_config_parses_and_resolves(path):
+    stage = os.path.basename(os.path.dirname(path))
+    args = resolve(PARSERS[stage](), ["--config", path])
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    for key, value in data.items():
+        assert getattr(args, key) == pytest.approx(value) if isinstance(value, float) \
+            else getattr(args, key) == value
+    assert os.path.basename(path).startswith(args.model)
+    get_spec(args.model)
+    assert check_common(args) == []
+
+
+def test_the_paper_settings_are_covered():
+    names = {os.path.relpath(p, os.path.join(ROOT, "configs"))
+             for p in glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml"))}
+    for gamma in (2, 5, 10):
+        assert f"finetune/R110_C10_gamma{gamma}.yaml" in names
+        assert f"finetune/R101_ImgNet_gamma{gamma}.yaml" in names
+    assert {"finetune/R32_C10_gamma5.yaml", "cl/R110_C10.yaml", "cl/R32_C10.yaml",
+            "cl/R101_ImgNet.yaml", "pretrain/R110_C10.yaml"} <= names
+
+
+def test_precedence_defaults_yaml_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 1e-3\nbatch_size: 64\npenalty: -10\nparallel: true\n")
+    args = resolve(cl_training.build_parser(), ["--config", str(cfg), "--batch_size", "32"])
+    assert args.lr == 1e-3 and isinstance(args.lr, float)  # YAML (read as a string, converted)
+    assert args.batch_size == 32  # the explicit flag wins
+    assert args.penalty == -10.0 and args.parallel is True
+    assert args.beta == 0.1  # default
+
+
+def test_saved_config_sits_below_yaml_and_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 0.5\n")
+    saved = {"lr": 0.25, "beta": 0.3, "batch_size": 16, "resume": False, "config": "old.yaml",
+             "device": "cuda:3", "workers": 9}
+    args = resolve(cl_training.build_parser(), ["--config", str(cfg), "--batch_size", "4"],
+                   saved=saved)
+    assert (args.lr, args.beta, args.batch_size) == (0.5, 0.3, 4)
+    assert args.config == str(cfg)
+    # the machine's own settings are not taken from the run being resumed
+    assert args.device != "cuda:3" and args.workers != 9
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: 0.1\n", "unknown option"),
+    ("batch_size: 2.5\n", "batch_size"),
+    ("parallel: 3\n", "true or false"),
+    ("- a\n- b\n", "mapping"),
+])
+def test_bad_yaml_is_a_clear_error(tmp_path, text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve(cl_training.build_parser(), ["--config", str(cfg)])
+
+
+def test_missing_yaml_is_a_clear_error():
+    with pytest.raises(ConfigError, match="not found"):
+        resolve(finetune.build_parser(), ["--config", "/nonexistent/x.yaml"])

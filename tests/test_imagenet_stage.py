@@ -1,0 +1,42 @@
+"""The ImageNet setting end to end on a tiny image folder: R101 base from a torchvision
+state dict, the policy's ResNet-10 from a torchvision resnet18 file (nothing downloaded)."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import cl_training
+from utils.checkpoint import read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def imagenet_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.RandomState(0)
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            os.makedirs(root / split / cls)
+            pixels = rng.randint(0, 256, (40, 48, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(root / split / cls / "img.png")
+    torch.save(torchvision.models.resnet101(weights=None).state_dict(), root / "r101.pth")
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), root / "r18.pth")
+    return root
+
+
+def test_cl_training_on_imagenet_layout(imagenet_folder, tmp_path):
+    root = imagenet_folder
+    cv = tmp_path / "cl"
+    cl_training.main(["--model", "R101_ImgNet", "--data_dir", str(root), "--cv_dir", str(cv),
+                      "--base_ckpt", str(root / "r101.pth"), "--policy_init", str(root / "r18.pth"),
+                      "--batch_size", "2", "--max_epochs", "0", "--workers", "0",
+                      "--device", "cpu", "--no_progress"])
+    ckpt = read_checkpoint(glob.glob(str(cv / "ckpt_E_0_*.t7"))[0])
+    assert ckpt["agent"]["logit.weight"].shape == (33, 512)
+    start = torch.load(root / "r18.pth")
+    # it started from resnet18, and one Adam step (lr 1e-3) moved it by about the lr
+    moved = ckpt["agent"]["features.conv1.weight"] - start["conv1.weight"]
+    assert 0 < moved.abs().max() <= 1.1e-3
