@@ -213,6 +213,20 @@ def load_blockdrop_checkpoint(path: str, rnet: Optional[nn.Module], agent: nn.Mo
     return {"agent": agent_state is not None, "resnet": "resnet" in ckpt}
 
 
+def load_default_base(rnet: nn.Module, spec, path: Optional[str] = None,
+                      policy_only: bool = False) -> str:
+    """Load the pretrained base ResNet from ``path`` or the spec's default path."""
+    path = path or spec.base_checkpoint
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"base ResNet checkpoint not found: {path} ("
+            + ("the checkpoint holds only a policy, so " if policy_only else "")
+            + "the pretrained base network is needed; pass --base_ckpt, train one with "
+              "pretrain_resnet.py, or unpack the authors' checkpoints into ./cv/)")
+    load_base_resnet(rnet, path)
+    return path
+
+
 def load_for_eval(spec, load: Optional[str], base_ckpt: Optional[str] = None,
                   log=print) -> "tuple[nn.Module, nn.Module]":
     """The base ResNet and policy of ``spec``, loaded as the authors' test.py did.
@@ -227,14 +241,7 @@ def load_for_eval(spec, load: Optional[str], base_ckpt: Optional[str] = None,
     agent.keep_all()
     ckpt = read_checkpoint(load) if load else None
     if not (isinstance(ckpt, Mapping) and "resnet" in ckpt):
-        base = base_ckpt or spec.base_checkpoint
-        if not os.path.isfile(base):
-            raise CheckpointError(
-                f"base ResNet checkpoint not found: {base} ("
-                + ("the checkpoint holds only a policy, so " if ckpt is not None else "")
-                + "the pretrained base network is needed; pass --base_ckpt, or unpack the "
-                  "authors' checkpoints into ./cv/)")
-        load_base_resnet(rnet, base)
+        base = load_default_base(rnet, spec, base_ckpt, policy_only=ckpt is not None)
         log(f"loaded base resnet from {base}")
     if ckpt is not None:
         loaded = load_blockdrop_checkpoint(load, rnet, agent, ckpt)

@@ -16,7 +16,7 @@ from typing import NoReturn, Optional, Sequence, Tuple
 import torch
 
 from models import MODEL_SPECS, get_spec
-from utils.checkpoint import (CheckpointError, load_base_resnet, load_torchvision_policy_init,
+from utils.checkpoint import (CheckpointError, load_default_base, load_torchvision_policy_init,
                               read_checkpoint)
 from utils.config import ConfigError, check_common, save_config, to_plain
 from utils.data import get_datasets, make_loaders
@@ -137,13 +137,7 @@ def check_checkpoint_model(ckpt, path: str, name: str) -> None:
 
 def load_base(rnet: torch.nn.Module, spec, path: Optional[str]) -> str:
     """Load the pretrained base ResNet (``--base_ckpt`` or the spec's default path)."""
-    path = path or spec.base_checkpoint
-    if not os.path.isfile(path):
-        raise CheckpointError(f"base ResNet checkpoint not found: {path} (pass --base_ckpt, "
-                              f"train one with pretrain_resnet.py, or unpack the authors' "
-                              f"checkpoints into ./cv/)")
-    load_base_resnet(rnet, path)
-    return path
+    return load_default_base(rnet, spec, path)
 
 
 def init_policy(agent: torch.nn.Module, spec, path: Optional[str]) -> bool:
