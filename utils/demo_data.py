@@ -1,8 +1,9 @@
 """A small, learnable dataset with a known difficulty per image, for the demo.
 
-Ten classes of simple shapes are drawn on 32x32 images. *Easy* images show a
-clean shape in high contrast. *Hard* images show the same kind of shape in low
-contrast, under pixel noise, with clutter strokes and an occluding patch. The
+Ten classes of simple shapes are drawn on 32x32 images, each class in its own
+hue. *Easy* images show a clean shape in full colour. *Hard* images show the
+same kind of shape with its colour washed out towards the background, under
+pixel noise, with clutter strokes and an occluding patch. The
 files are written in the CIFAR-10 python format, so the real data loader
 reads them. The difficulty of every image is stored in the same pickles under
 an extra ``difficulty`` key (0 easy, 1 hard) that the loader ignores. The
@@ -46,17 +47,25 @@ def _shape_mask(kind: int, cy: float, cx: float, r: float) -> np.ndarray:
     return masks[kind]
 
 
+def _class_colour(kind: int, rng: np.random.Generator) -> np.ndarray:
+    """A saturated colour whose hue belongs to the class, with some jitter."""
+    hue = (kind / len(CLASSES) + rng.uniform(-0.03, 0.03)) % 1.0
+    sat, val = rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0)
+    i, f = int(hue * 6) % 6, hue * 6 - int(hue * 6)
+    p, q, t = val * (1 - sat), val * (1 - sat * f), val * (1 - sat * (1 - f))
+    return np.array([(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val),
+                     (val, p, q)][i])
+
+
 def draw(kind: int, hard: bool, rng: np.random.Generator) -> np.ndarray:
     """One uint8 image (32, 32, 3) of shape ``kind``; hard images are degraded."""
     r = rng.uniform(7, 11)
     cy, cx = rng.uniform(11, 21, size=2)
-    background = rng.uniform(0.1, 0.9, size=3)
-    colour = rng.uniform(0, 1, size=3)
-    # keep easy images in high contrast, hard ones in low contrast
-    gap = colour - background
-    norm = np.linalg.norm(gap) + 1e-6
-    contrast = rng.uniform(0.3, 0.45) if hard else rng.uniform(0.6, 0.9)
-    colour = np.clip(background + gap / norm * contrast, 0, 1)
+    background = np.full(3, rng.uniform(0.25, 0.75)) + rng.uniform(-0.05, 0.05, size=3)
+    colour = _class_colour(kind, rng)
+    # hard images wash the class colour out towards the background
+    contrast = rng.uniform(0.35, 0.5) if hard else 1.0
+    colour = np.clip(background + (colour - background) * contrast, 0, 1)
     img = np.broadcast_to(background, (SIZE, SIZE, 3)).copy()
     img[_shape_mask(kind, cy, cx, r)] = colour
     if hard:
@@ -68,8 +77,8 @@ def draw(kind: int, hard: bool, rng: np.random.Generator) -> np.ndarray:
                 mask[:, rng.integers(0, SIZE)] = True
             img[mask] = colour
         py, px = rng.integers(4, SIZE - 10, size=2)  # an occluding patch
-        img[py:py + 6, px:px + 6] = rng.uniform(0, 1, size=3)
-        img = img + rng.normal(0, 0.1, size=img.shape)
+        img[py:py + 6, px:px + 6] = rng.uniform(0, 1)  # grey: no colour cue
+        img = img + rng.normal(0, 0.08, size=img.shape)
     else:
         img = img + rng.normal(0, 0.02, size=img.shape)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
