@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         return self.bn2(self.conv2(out))
 
 
@@ -57,8 +57,8 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         return self.bn3(self.conv3(out))
 
 
@@ -166,7 +166,7 @@ class FlatResNet(nn.Module):
 
     # -- pieces shared by every forward path ---------------------------------
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         if self.arch == "imagenet":
             x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         return x
@@ -204,6 +204,9 @@ class FlatResNet(nn.Module):
         """Masked execution (the authors' training path): every block runs for the
         whole batch and the policy selects, per image, block output or residual."""
         check_policy(policy, x.shape[0], self.num_blocks)
+        return self._in_chunks(self._forward_masked, x, policy)
+
+    def _forward_masked(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         mask = policy.to(x.dtype)
         keep_any = policy.bool().any(0).tolist()
         x = self.stem(x)
@@ -222,11 +225,13 @@ class FlatResNet(nn.Module):
         if not isinstance(policy, torch.Tensor):
             policy = torch.as_tensor(policy)
         check_policy(policy.reshape(1, -1) if policy.dim() == 1 else policy, 1, self.num_blocks)
-        return self._run_chain(x, policy.reshape(-1).bool().tolist())
+        keep = policy.reshape(-1).bool().tolist()
+        return self._in_chunks(lambda xs, _: self._run_chain(xs, keep), x)
 
     def forward_full(self, x: torch.Tensor) -> torch.Tensor:
         """Every block kept (the plain ResNet)."""
-        return self._run_chain(x, [True] * self.num_blocks)
+        keep = [True] * self.num_blocks
+        return self._in_chunks(lambda xs, _: self._run_chain(xs, keep), x)
 
     def forward_policies(self, x: torch.Tensor, policies: Sequence[torch.Tensor],
                          dynamic: bool = True) -> List[torch.Tensor]:
@@ -240,24 +245,26 @@ class FlatResNet(nn.Module):
         """
         if not dynamic:
             return [self.forward(x, p) for p in policies]
-        batch, count = x.shape[0], len(policies)
-        if count == 0:
+        if len(policies) == 0:
             return []
-        keeps = [_policy_on_host(p, batch, self.num_blocks) for p in policies]
-        stacked = torch.stack(keeps)  # (P, B, K)
-        differs = (stacked != stacked[:1]).any(0).any(0)  # (K,) some image's policies differ
+        keeps = [_policy_on_host(p, x.shape[0], self.num_blocks) for p in policies]
+        logits = self._in_chunks(self._policies_pass, x, torch.stack(keeps, 1))
+        return list(logits.unbind(1))
+
+    def _policies_pass(self, x: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
+        """Logits (B, P, classes) of ``x`` under the (B, P, K) bool CPU policies ``keeps``."""
+        batch, count = keeps.shape[:2]
+        differs = (keeps != keeps[:, :1]).any(0).any(0)  # (K,) some image's policies differ
         split = int(differs.to(torch.uint8).argmax()) if bool(differs.any()) else self.num_blocks
         # distinct (image, policy) rows; rows are ordered by image, then policy
-        flat = stacked.transpose(0, 1).reshape(batch * count, -1)
         image = torch.arange(batch).repeat_interleave(count)
-        pairs, inverse = torch.unique(torch.cat([image.unsqueeze(1), flat.long()], 1),
+        pairs, inverse = torch.unique(torch.cat([image.unsqueeze(1), keeps.flatten(0, 1).long()], 1),
                                       dim=0, return_inverse=True)
-        h = self._run_blocks(self.stem(x), keeps[0], 0, split)
+        h = self._run_blocks(self.stem(x), keeps[:, 0], 0, split)
         if pairs.shape[0] != batch:
             h = h.index_select(0, pairs[:, 0].to(h.device))
         h = self._run_blocks(h, pairs[:, 1:].bool(), split, self.num_blocks)
-        logits = self.head(h).index_select(0, inverse.to(h.device))
-        return list(logits.view(batch, count, -1).unbind(1))
+        return self.head(h).index_select(0, inverse.to(h.device)).view(batch, count, -1)
 
     def forward_dynamic(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         """Per-image execution: each block runs only on the images that keep it.
@@ -270,8 +277,10 @@ class FlatResNet(nn.Module):
         residual on. Equal to ``forward`` in eval mode (BatchNorm in train mode
         would see different batches).
         """
-        batch = x.shape[0]
-        keep = _policy_on_host(policy, batch, self.num_blocks)
+        keep = _policy_on_host(policy, x.shape[0], self.num_blocks)
+        return self._in_chunks(self._forward_dynamic, x, keep)
+
+    def _forward_dynamic(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         groups = _policy_groups(keep, self.GROUP_MAX)
         if groups is None:
             return self.head(self._run_blocks(self.stem(x), keep, 0, self.num_blocks))
@@ -282,12 +291,37 @@ class FlatResNet(nn.Module):
             idx = rows.to(x.device, non_blocking=True)
             logits = self._run_chain(x.index_select(0, idx), vector)
             if out is None:
-                out = logits.new_empty((batch,) + logits.shape[1:])
+                out = logits.new_empty((x.shape[0],) + logits.shape[1:])
             out = _write_rows(out, idx, logits)
         return out
 
     # at most this many distinct policies in a batch: group the images by policy
     GROUP_MAX = 4
+    # CPU inference (eval mode) splits a batch into chunks whose widest activation
+    # takes at most this many bytes: large tensors fall out of the caches and, past
+    # glibc's mmap threshold, are page-faulted in anew at every allocation.
+    # Chunking changes nothing in eval mode (BatchNorm uses running statistics);
+    # every forward path uses it. 0 turns it off.
+    cpu_chunk_bytes = 4 << 20
+
+    def chunk_size(self, x: torch.Tensor) -> int:
+        """Images per chunk for ``x``: the whole batch unless on CPU in eval mode."""
+        batch = x.shape[0]
+        if self.training or x.device.type != "cpu" or self.cpu_chunk_bytes <= 0:
+            return batch
+        # the widest activation has 16 channels per input pixel in both layouts
+        # (CIFAR stem: 16 x H x W; ImageNet stem 64 x H/2 x W/2, stage 1 256 x H/4 x W/4)
+        per_image = 16 * x.shape[-2] * x.shape[-1] * x.element_size()
+        return max(1, min(batch, self.cpu_chunk_bytes // per_image))
+
+    def _in_chunks(self, fn, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``fn(x, rows)`` on chunks of ``chunk_size(x)`` images (rows split alike),
+        concatenated."""
+        size = self.chunk_size(x)
+        if size >= x.shape[0]:
+            return fn(x, rows)
+        return torch.cat([fn(x[i:i + size], None if rows is None else rows[i:i + size])
+                          for i in range(0, x.shape[0], size)])
 
     def _run_blocks(self, x: torch.Tensor, keep: torch.Tensor, start: int,
                     stop: int) -> torch.Tensor:

@@ -13,8 +13,10 @@ CASES = [("R32_C10", 32, 6), ("R110_C10", 32, 5), ("R32_C100", 32, 6),
 
 
 def _models(name: str, seed: int = 0):
+    """Models in eval mode; CPU chunking off, so that the per-block paths are tested."""
     torch.manual_seed(seed)
     rnet, agent = get_model(name)
+    rnet.cpu_chunk_bytes = agent.features.cpu_chunk_bytes = 0
     return rnet.eval(), agent.eval()
 
 
@@ -155,3 +157,31 @@ def test_fast_curriculum_step_matches_masked(cl_step):
     assert len(g0) == len(g1) > 0
     for a, b in zip(g0, g1):
         assert torch.equal(a, b)
+
+
+def test_cpu_chunking_changes_nothing():
+    """Eval-mode CPU chunking (forced to 3 images here) gives the unchunked logits on
+    every path; train mode never chunks (BatchNorm would see other batches)."""
+    rnet, agent = _models("R32_C10")
+    gen = torch.Generator().manual_seed(6)
+    x = torch.rand(8, 3, 32, 32, generator=gen)
+    policy = torch.randint(0, 2, (8, rnet.num_blocks), generator=gen).float()
+    other = torch.randint(0, 2, (8, rnet.num_blocks), generator=gen).float()
+    paths = {
+        "masked": lambda: rnet(x, policy),
+        "dynamic": lambda: rnet.forward_dynamic(x, policy),
+        "full": lambda: rnet.forward_full(x),
+        "single": lambda: rnet.forward_single(x, policy[0]),
+        "policies": lambda: torch.cat(rnet.forward_policies(x, [policy, other])),
+        "agent": lambda: agent(x)[0],
+    }
+    with torch.no_grad():
+        whole = {k: f() for k, f in paths.items()}
+        per_image = 16 * 32 * 32 * 4
+        for net in (rnet, agent.features):
+            net.cpu_chunk_bytes = 3 * per_image
+        assert rnet.chunk_size(x) == 3
+        for k, f in paths.items():
+            assert_same_logits(whole[k], f())
+    rnet.train()
+    assert rnet.chunk_size(x) == 8
