@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models import FlatResNet, PolicyNet, get_model, get_spec
 from utils.engine import evaluate
-from utils.flops import flop_table, module_flops
+from utils.flops import flop_counter, flop_table
 from utils.rewards import (advantage, apply_curriculum, bounded_probs, curriculum_loss,
                            curriculum_mask, greedy_policy, reward)
 from utils.stats import format_eval_block, policy_stats
@@ -102,18 +102,24 @@ class Clock:
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     clock: Clock) -> Dict[str, float]:
+                     clock: Clock, min_time: float = 0.0) -> Dict[str, float]:
     """Median seconds per call of each function, the calls interleaved (the order
-    rotates every round so that none always follows the same neighbour)."""
+    rotates every round so that none always follows the same neighbour). A timed
+    sample repeats a call that took less than ``min_time`` in warm-up enough times
+    to last about ``min_time``, so that short calls are not timed one by one."""
     names = list(fns)
-    for _ in range(warmup):
+    inner = {name: 1 for name in names}
+    for w in range(warmup):
         for name in names:
-            fns[name]()
+            took = clock(fns[name])
+            if w == warmup - 1 and took < min_time:
+                inner[name] = max(1, round(min_time / max(took, 1e-6)))
     times: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(clock(fns[name]))
+            fn, n = fns[name], inner[name]
+            times[name].append(clock(lambda: [fn() for _ in range(n)]) / n)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -127,7 +133,8 @@ def autocast(device: torch.device, bf16: bool):
 # -- part 1: inference -------------------------------------------------------
 def bench_inference(name: str, batch: int, keep: int, repeats: int, warmup: int,
                     device: torch.device, seed: int = 0, single_images: int = 32,
-                    channels_last: bool = False, bf16: bool = False) -> dict:
+                    channels_last: bool = False, bf16: bool = False,
+                    min_time: float = 0.0) -> dict:
     """Per-image times of every method on one model and batch size."""
     spec, gen, rnet, agent = setup(name, device, seed)
     x = torch.rand(batch, 3, spec.image_size, spec.image_size, generator=gen).to(device)
@@ -150,7 +157,7 @@ def bench_inference(name: str, batch: int, keep: int, repeats: int, warmup: int,
         "dynamic": lambda: (agent(x), rnet.forward_dynamic(x, policy)),
     }
     with torch.inference_mode(), autocast(device, bf16):
-        med = time_interleaved(fns, repeats, warmup, Clock(device))
+        med = time_interleaved(fns, repeats, warmup, Clock(device), min_time)
     per_image = {m: med[m] / (n_single if m == "single" else batch) for m in METHODS}
     table = flop_table(name)
     policy_flops = float(table.per_image(policy.cpu()).double().mean())
@@ -171,20 +178,17 @@ def authors_eval_loop(rnet: FlatResNet, agent: PolicyNet, dataset: TensorDataset
     ``(policies uint8 (N, K), matches (N,), flops (N,))``."""
     rnet.eval()
     agent.eval()
-    both = nn.ModuleDict({"rnet": rnet, "agent": agent})
     policies, matches, flops = [], [], []
-    for image, target in DataLoader(dataset, batch_size=1):
-        image, target = image.to(device), target.to(device)
-        out = {}
-
-        def run():
+    with flop_counter(nn.ModuleDict({"rnet": rnet, "agent": agent})) as layer_flops:
+        for image, target in DataLoader(dataset, batch_size=1):
+            image, target = image.to(device), target.to(device)
+            layer_flops.clear()
             probs, _ = agent(image)
-            out["policy"] = greedy_policy(probs)
-            out["preds"] = rnet.forward_single(image, out["policy"][0])
-
-        flops.append(sum(module_flops(run, both).values()))
-        policies.append(out["policy"].to(torch.uint8).cpu())
-        matches.append((out["preds"].argmax(1) == target).float().cpu())
+            policy = greedy_policy(probs)
+            preds = rnet.forward_single(image, policy[0])
+            flops.append(sum(layer_flops.values()))
+            policies.append(policy.to(torch.uint8).cpu())
+            matches.append((preds.argmax(1) == target).float().cpu())
     return torch.cat(policies), torch.cat(matches), np.asarray(flops, dtype=np.int64)
 
 
@@ -291,6 +295,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         + ", ".join(f"{m}={k}" for m, k in DEFAULT_KEEP.items()) + ")")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per setting")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per setting")
+    p.add_argument("--min-time", type=float, default=0.2,
+                   help="a timed inference sample repeats calls shorter than this (s)")
     p.add_argument("--single-images", type=int, default=32,
                    help="images of the batch timed with the batch-1 forward_single loop")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -324,6 +330,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                   ("--eval-batch", "eval_batch", 16),
                                   ("--eval-repeats", "eval_repeats", 1),
                                   ("--cl-batch", "cl_batch", 32), ("--cl-repeats", "cl_repeats", 2),
+                                  ("--min-time", "min_time", 0.0),
                                   ("--single-images", "single_images", 4)):
             if flag not in given:
                 setattr(args, dest, value)
@@ -359,6 +366,10 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.min_time < 0:
+        p.error(f"--min-time must be >= 0, got {args.min_time}")
+    if args.min_time > 0 and args.warmup < 1:
+        p.error("--min-time needs at least one --warmup round to size the samples")
     if args.batch_sizes is not None and min(args.batch_sizes) < 1:
         p.error(f"--batch-sizes must be at least 1, got {args.batch_sizes}")
     if args.threads is not None and args.threads < 1:
@@ -412,7 +423,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             for batch in batches:
                 rows.append(bench_inference(
                     name, batch, args.keep_counts[name], args.repeats, args.warmup, device,
-                    args.seed, args.single_images, args.channels_last, args.bf16))
+                    args.seed, args.single_images, args.channels_last, args.bf16,
+                    args.min_time))
                 print(format_inference(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         result["inference"] = rows
         print("Inference, policy network included in masked/single/dynamic "
