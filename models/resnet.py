@@ -343,8 +343,8 @@ class FlatResNet(nn.Module):
                 x = self._run_block(t, x, residual)
             else:
                 idx = rows[t - start]
-                xs = x.index_select(0, idx)
-                res = xs if residual is x else residual.index_select(0, idx)
+                xs = _gather(x, idx)
+                res = xs if residual is x else _gather(residual, idx)
                 x = _write_rows(residual, idx, self._run_block(t, xs, res))
         return x
 
@@ -371,6 +371,13 @@ def _policy_groups(keep: torch.Tensor, max_groups: int):
     order = torch.argsort(inverse, stable=True)
     counts = torch.bincount(inverse, minlength=vectors.shape[0]).tolist()
     return [(v.tolist(), rows) for v, rows in zip(vectors, order.split(counts))]
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, idx)`` that keeps a channels_last layout channels_last."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+    return x.index_select(0, idx)
 
 
 def _write_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ def test_quick_run_writes_json(tmp_path, capsys):
     (["--threads", "0"], "--threads must be at least 1"),
     (["--eval-images", "0"], "--eval-images must be at least 1"),
     (["--cl-keep-fraction", "1.5"], "--cl-keep-fraction"),
-    (["--bf16"], "need --device cuda"),
+    (["--bf16"], "needs --device cuda"),
 ])
 def test_bad_flags_are_rejected(flags, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -74,6 +74,18 @@ def test_dynamic_paths_small_model():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_dynamic_channels_last():
+    """channels_last weights and inputs: the gathers keep the layout, results agree."""
+    rnet, _ = _models("R110_C10")
+    rnet.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(6, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    policy = random_policies(6, rnet.num_blocks, 17, gen)
+    with torch.no_grad():
+        assert_same_logits(rnet(x, policy), rnet.forward_dynamic(x, policy))
+        assert_same_logits(rnet(x, policy), rnet.forward_policies(x, [policy])[0])
+
+
 def test_dynamic_leaves_inputs_alone():
     rnet, _ = _models("R32_C10")
     x = torch.rand(4, 3, 32, 32)

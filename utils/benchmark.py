@@ -19,8 +19,10 @@ median over repeats after warm-up:
   whose two no-gradient ResNet passes run masked (``forward`` twice, the authors'
   way) or through one ``forward_policies`` call.
 
-CPU by default; ``--device cuda`` times with CUDA events. The GPU-only options
-``--channels-last`` and ``--bf16`` are UNMEASURED here (no GPU was available).
+CPU by default; ``--device cuda`` times with CUDA events. ``--channels-last``
+puts both networks in channels_last layout for every method (measured on CPU;
+UNMEASURED on a GPU); ``--bf16`` autocast is CUDA-only and UNMEASURED (no GPU
+was available).
 """
 from __future__ import annotations
 
@@ -71,13 +73,16 @@ def calibrate_agent(agent: PolicyNet, images: torch.Tensor, keep_fraction: float
         agent.logit.bias.sub_(cut.to(agent.logit.bias))
 
 
-def setup(name: str, device: torch.device, seed: int):
+def setup(name: str, device: torch.device, seed: int, channels_last: bool = False):
     """``(spec, generator, rnet, agent)``: randomly initialised models in eval mode on
-    ``device`` and a seeded generator for the inputs."""
+    ``device`` (channels_last layout if asked) and a seeded generator for the inputs."""
     spec = get_spec(name)
     torch.manual_seed(seed)
     rnet, agent = get_model(name)
-    return spec, torch.Generator().manual_seed(seed), rnet.to(device).eval(), agent.to(device).eval()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    rnet.to(device, memory_format=layout).eval()
+    agent.to(device, memory_format=layout).eval()
+    return spec, torch.Generator().manual_seed(seed), rnet, agent
 
 
 # -- timing ------------------------------------------------------------------
@@ -136,12 +141,8 @@ def bench_inference(name: str, batch: int, keep: int, repeats: int, warmup: int,
                     channels_last: bool = False, bf16: bool = False,
                     min_time: float = 0.0) -> dict:
     """Per-image times of every method on one model and batch size."""
-    spec, gen, rnet, agent = setup(name, device, seed)
+    spec, gen, rnet, agent = setup(name, device, seed, channels_last)
     x = torch.rand(batch, 3, spec.image_size, spec.image_size, generator=gen).to(device)
-    if channels_last and device.type == "cuda":  # UNMEASURED GPU option
-        rnet.to(memory_format=torch.channels_last)
-        agent.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     policy = random_policies(batch, rnet.num_blocks, keep, gen).to(device)
     n_single = min(batch, single_images)
 
@@ -193,9 +194,9 @@ def authors_eval_loop(rnet: FlatResNet, agent: PolicyNet, dataset: TensorDataset
 
 
 def bench_eval(name: str, images: int, batch: int, keep: int, repeats: int,
-               device: torch.device, seed: int = 0) -> dict:
+               device: torch.device, seed: int = 0, channels_last: bool = False) -> dict:
     """images/s of ``utils.engine.evaluate`` and of the authors' batch-1 loop."""
-    spec, gen, rnet, agent = setup(name, device, seed)
+    spec, gen, rnet, agent = setup(name, device, seed, channels_last)
     x = torch.rand(images, 3, spec.image_size, spec.image_size, generator=gen)
     y = torch.randint(0, spec.num_classes, (images,), generator=gen)
     calibrate_agent(agent, x[:256].to(device), keep / rnet.num_blocks)
@@ -251,10 +252,11 @@ def curriculum_losses(rnet: FlatResNet, agent: PolicyNet, inputs: torch.Tensor,
 
 
 def bench_curriculum(name: str, batch: int, keep_fraction: float, repeats: int,
-                     warmup: int, device: torch.device, seed: int = 0) -> dict:
+                     warmup: int, device: torch.device, seed: int = 0,
+                     channels_last: bool = False) -> dict:
     """steps/s of the curriculum step (policy forward+backward+Adam included),
     every block decided, with the masked and the dynamic ResNet passes."""
-    spec, gen, rnet, agent = setup(name, device, seed)
+    spec, gen, rnet, agent = setup(name, device, seed, channels_last)
     x = torch.rand(batch, 3, spec.image_size, spec.image_size, generator=gen).to(device)
     y = torch.randint(0, spec.num_classes, (batch,), generator=gen).to(device)
     agent.train()  # the policy trains with batch statistics
@@ -317,7 +319,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="smoke run: 3 repeats, 1 warm-up, batch sizes 1 and 8, 32 eval "
                         "images, curriculum batch 32 (explicit flags still win)")
     p.add_argument("--channels-last", action="store_true",
-                   help="channels_last inference, CUDA only (UNMEASURED)")
+                   help="both networks in channels_last layout, for every method (on a "
+                        "GPU: UNMEASURED)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast inference, CUDA only "
                                                        "(UNMEASURED)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
@@ -382,8 +385,8 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--device: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    if (args.channels_last or args.bf16) and device.type != "cuda":
-        p.error("--channels-last and --bf16 are GPU options; they need --device cuda")
+    if args.bf16 and device.type != "cuda":
+        p.error("--bf16 is a GPU option; it needs --device cuda")
 
 
 def machine_info(device: torch.device) -> dict:
@@ -414,8 +417,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    result = {"machine": machine_info(device), "argv": list(argv if argv is not None
-                                                             else sys.argv[1:])}
+    result = {"machine": machine_info(device),
+              "argv": list(argv if argv is not None else sys.argv[1:]),
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {device}, "
+          f"layout {'channels_last' if args.channels_last else 'NCHW'}")
     if "inference" in args.parts:
         rows = []
         for name in args.models:
@@ -433,7 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         result["eval"] = []
         for name in args.eval_models:
             r = bench_eval(name, args.eval_images, args.eval_batch, args.keep_counts[name],
-                           args.eval_repeats, device, args.seed)
+                           args.eval_repeats, device, args.seed, args.channels_last)
             result["eval"].append(r)
             ips = r["images_per_s"]
             print(f"test.py evaluation, {name}, {r['images']} images: batched dynamic "
@@ -442,7 +448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   f"{r['same_statistics']}{r['printed'].rstrip()}\n")
     if "curriculum" in args.parts:
         r = bench_curriculum(args.cl_model, args.cl_batch, args.cl_keep_fraction,
-                             args.cl_repeats, 1, device, args.seed)
+                             args.cl_repeats, 1, device, args.seed, args.channels_last)
         result["curriculum"] = r
         sps = r["steps_per_s"]
         print(f"Curriculum step, {r['model']} batch {r['batch']}, cl_step {r['cl_step']}, "
