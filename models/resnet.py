@@ -248,7 +248,7 @@ class FlatResNet(nn.Module):
         if len(policies) == 0:
             return []
         keeps = [_policy_on_host(p, x.shape[0], self.num_blocks) for p in policies]
-        logits = self._in_chunks(self._policies_pass, x, torch.stack(keeps, 1))
+        logits = self._in_chunks(self._policies_pass, x, torch.stack(keeps, 1), len(keeps))
         return list(logits.unbind(1))
 
     def _policies_pass(self, x: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
@@ -262,7 +262,7 @@ class FlatResNet(nn.Module):
                                       dim=0, return_inverse=True)
         h = self._run_blocks(self.stem(x), keeps[:, 0], 0, split)
         if pairs.shape[0] != batch:
-            h = h.index_select(0, pairs[:, 0].to(h.device))
+            h = _gather(h, pairs[:, 0].to(h.device))
         h = self._run_blocks(h, pairs[:, 1:].bool(), split, self.num_blocks)
         return self.head(h).index_select(0, inverse.to(h.device)).view(batch, count, -1)
 
@@ -289,7 +289,7 @@ class FlatResNet(nn.Module):
         out = None
         for vector, rows in groups:
             idx = rows.to(x.device, non_blocking=True)
-            logits = self._run_chain(x.index_select(0, idx), vector)
+            logits = self._run_chain(_gather(x, idx), vector)
             if out is None:
                 out = logits.new_empty((x.shape[0],) + logits.shape[1:])
             out = _write_rows(out, idx, logits)
@@ -304,20 +304,22 @@ class FlatResNet(nn.Module):
     # every forward path uses it. 0 turns it off.
     cpu_chunk_bytes = 4 << 20
 
-    def chunk_size(self, x: torch.Tensor) -> int:
-        """Images per chunk for ``x``: the whole batch unless on CPU in eval mode."""
+    def chunk_size(self, x: torch.Tensor, rows_per_image: int = 1) -> int:
+        """Images per chunk for ``x`` (each image becoming ``rows_per_image`` rows of
+        activations): the whole batch unless on CPU in eval mode."""
         batch = x.shape[0]
         if self.training or x.device.type != "cpu" or self.cpu_chunk_bytes <= 0:
             return batch
         # the widest activation has 16 channels per input pixel in both layouts
         # (CIFAR stem: 16 x H x W; ImageNet stem 64 x H/2 x W/2, stage 1 256 x H/4 x W/4)
-        per_image = 16 * x.shape[-2] * x.shape[-1] * x.element_size()
+        per_image = 16 * x.shape[-2] * x.shape[-1] * x.element_size() * rows_per_image
         return max(1, min(batch, self.cpu_chunk_bytes // per_image))
 
-    def _in_chunks(self, fn, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``fn(x, rows)`` on chunks of ``chunk_size(x)`` images (rows split alike),
-        concatenated."""
-        size = self.chunk_size(x)
+    def _in_chunks(self, fn, x: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                   rows_per_image: int = 1) -> torch.Tensor:
+        """``fn(x, rows)`` on chunks of ``chunk_size(x, rows_per_image)`` images (rows
+        split alike), concatenated."""
+        size = self.chunk_size(x, rows_per_image)
         if size >= x.shape[0]:
             return fn(x, rows)
         return torch.cat([fn(x[i:i + size], None if rows is None else rows[i:i + size])
@@ -375,7 +377,7 @@ def _policy_groups(keep: torch.Tensor, max_groups: int):
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x.index_select(0, idx)`` that keeps a channels_last layout channels_last."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if _is_nhwc(x):
         return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
     return x.index_select(0, idx)
 
@@ -385,4 +387,13 @@ def _write_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> to
     is built (``base`` is then an intermediate the caller owns), else a copy."""
     if torch.is_grad_enabled():
         return base.index_copy(0, idx, rows)
+    if _is_nhwc(base) and _is_nhwc(rows):  # copy whole contiguous images
+        base.permute(0, 2, 3, 1).index_copy_(0, idx, rows.permute(0, 2, 3, 1))
+        return base
     return base.index_copy_(0, idx, rows)
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    """A 4-d tensor laid out channels_last (and not also plain contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
