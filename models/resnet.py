@@ -363,7 +363,9 @@ def _policy_on_host(policy: torch.Tensor, batch: int, num_blocks: int) -> torch.
 def _policy_groups(keep: torch.Tensor, max_groups: int):
     """``[(keep flags, row indices)]`` per distinct policy of ``keep`` (B, K), or None
     when there are more than ``max_groups`` distinct policies."""
-    if keep.shape[0] > 1 and keep.shape[0] > max_groups:
+    if keep.shape[0] == 0:
+        return None
+    if keep.shape[0] > max_groups:
         # cheap rejection: more distinct rows among the first few than allowed
         if torch.unique(keep[: 4 * max_groups], dim=0).shape[0] > max_groups:
             return None

@@ -197,3 +197,10 @@ def test_cpu_chunking_changes_nothing():
             assert_same_logits(whole[k], f())
     rnet.train()
     assert rnet.chunk_size(x) == 8
+
+
+def test_empty_batch():
+    rnet, _ = _models("R32_C10")
+    with torch.no_grad():
+        out = rnet.forward_dynamic(torch.rand(0, 3, 32, 32), torch.zeros(0, rnet.num_blocks))
+    assert out.shape == (0, 10)
