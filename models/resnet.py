@@ -278,7 +278,9 @@ class FlatResNet(nn.Module):
         would see different batches).
         """
         keep = _policy_on_host(policy, x.shape[0], self.num_blocks)
-        return self._in_chunks(self._forward_dynamic, x, keep)
+        # a block's working set is the rows that keep it: chunks grow as usage falls
+        usage = float(keep.float().mean()) if keep.numel() else 1.0
+        return self._in_chunks(self._forward_dynamic, x, keep, max(usage, 0.25))
 
     def _forward_dynamic(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         groups = _policy_groups(keep, self.GROUP_MAX)
@@ -304,19 +306,20 @@ class FlatResNet(nn.Module):
     # every forward path uses it. 0 turns it off.
     cpu_chunk_bytes = 4 << 20
 
-    def chunk_size(self, x: torch.Tensor, rows_per_image: int = 1) -> int:
-        """Images per chunk for ``x`` (each image becoming ``rows_per_image`` rows of
-        activations): the whole batch unless on CPU in eval mode."""
+    def chunk_size(self, x: torch.Tensor, rows_per_image: float = 1.0) -> int:
+        """Images per chunk for ``x``: the whole batch unless on CPU in eval mode.
+        ``rows_per_image``: activation rows a block works on per image (several
+        policies: one per policy; dynamic execution: the share that keeps a block)."""
         batch = x.shape[0]
         if self.training or x.device.type != "cpu" or self.cpu_chunk_bytes <= 0:
             return batch
         # the widest activation has 16 channels per input pixel in both layouts
         # (CIFAR stem: 16 x H x W; ImageNet stem 64 x H/2 x W/2, stage 1 256 x H/4 x W/4)
         per_image = 16 * x.shape[-2] * x.shape[-1] * x.element_size() * rows_per_image
-        return max(1, min(batch, self.cpu_chunk_bytes // per_image))
+        return max(1, min(batch, int(self.cpu_chunk_bytes // per_image)))
 
     def _in_chunks(self, fn, x: torch.Tensor, rows: Optional[torch.Tensor] = None,
-                   rows_per_image: int = 1) -> torch.Tensor:
+                   rows_per_image: float = 1.0) -> torch.Tensor:
         """``fn(x, rows)`` on chunks of ``chunk_size(x, rows_per_image)`` images (rows
         split alike), concatenated."""
         size = self.chunk_size(x, rows_per_image)
