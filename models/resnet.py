@@ -302,7 +302,8 @@ class FlatResNet(nn.Module):
     # CPU inference (eval mode) splits a batch into chunks whose widest activation
     # takes at most this many bytes: large tensors fall out of the caches and, past
     # glibc's mmap threshold, are page-faulted in anew at every allocation.
-    # Chunking changes nothing in eval mode (BatchNorm uses running statistics);
+    # In eval mode chunks compute the same function (BatchNorm uses running
+    # statistics; float rounding may differ in the last bit, as between batch sizes);
     # every forward path uses it. 0 turns it off.
     cpu_chunk_bytes = 4 << 20
 
