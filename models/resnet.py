@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         return self.bn2(self.conv2(out))
 
 
@@ -57,8 +57,8 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         return self.bn3(self.conv3(out))
 
 
@@ -78,8 +78,9 @@ class ZeroPadShortcut(nn.Module):
 BLOCK_TYPES = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-def check_policy(policy: torch.Tensor, batch: int, num_blocks: int) -> None:
-    """Raise ValueError unless ``policy`` is a (batch, K) tensor of zeros and ones."""
+def check_policy(policy: torch.Tensor, batch: int, num_blocks: int, values: bool = True) -> None:
+    """Raise ValueError unless ``policy`` is a (batch, K) tensor of zeros and ones.
+    ``values=False`` checks type, shape and dtype only (no device computation)."""
     if not isinstance(policy, torch.Tensor):
         raise ValueError(f"policy must be a tensor of shape ({batch}, {num_blocks}), "
                          f"got {type(policy).__name__}")
@@ -89,7 +90,7 @@ def check_policy(policy: torch.Tensor, batch: int, num_blocks: int) -> None:
     if not (policy.dtype == torch.bool or policy.dtype.is_floating_point or policy.dtype in
             (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
         raise ValueError(f"policy must be a bool, integer or float tensor, got {policy.dtype}")
-    if policy.dtype != torch.bool and bool(((policy != 0) & (policy != 1)).any()):
+    if values and policy.dtype != torch.bool and bool(((policy != 0) & (policy != 1)).any()):
         raise ValueError("policy values must be 0 (drop) or 1 (keep)")
 
 
@@ -165,7 +166,7 @@ class FlatResNet(nn.Module):
 
     # -- pieces shared by every forward path ---------------------------------
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         if self.arch == "imagenet":
             x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         return x
@@ -183,11 +184,29 @@ class FlatResNet(nn.Module):
         s, b = self.block_index[t]
         return self.blocks[s][b]
 
+    def _run_block(self, t: int, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """A kept block: relu(residual + F(x)); in place on F(x) when no gradient is built."""
+        out = self.block(t)(x)
+        if torch.is_grad_enabled():
+            return F.relu(residual + out)
+        return out.add_(residual).relu_()
+
+    def _run_chain(self, x: torch.Tensor, keep: Sequence[bool]) -> torch.Tensor:
+        """Stem, the blocks flagged in ``keep`` (one flag per block) and head, for the whole batch."""
+        x = self.stem(x)
+        for t in range(self.num_blocks):
+            residual = self.residual(t, x)
+            x = self._run_block(t, x, residual) if keep[t] else residual
+        return self.head(x)
+
     # -- forward paths -------------------------------------------------------
     def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         """Masked execution (the authors' training path): every block runs for the
         whole batch and the policy selects, per image, block output or residual."""
         check_policy(policy, x.shape[0], self.num_blocks)
+        return self._in_chunks(self._forward_masked, x, policy)
+
+    def _forward_masked(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         mask = policy.to(x.dtype)
         keep_any = policy.bool().any(0).tolist()
         x = self.stem(x)
@@ -207,52 +226,180 @@ class FlatResNet(nn.Module):
             policy = torch.as_tensor(policy)
         check_policy(policy.reshape(1, -1) if policy.dim() == 1 else policy, 1, self.num_blocks)
         keep = policy.reshape(-1).bool().tolist()
-        x = self.stem(x)
-        for t in range(self.num_blocks):
-            residual = self.residual(t, x)
-            x = F.relu(residual + self.block(t)(x)) if keep[t] else residual
-        return self.head(x)
+        return self._in_chunks(lambda xs, _: self._run_chain(xs, keep), x)
 
     def forward_full(self, x: torch.Tensor) -> torch.Tensor:
         """Every block kept (the plain ResNet)."""
-        x = self.stem(x)
-        for t in range(self.num_blocks):
-            x = F.relu(self.residual(t, x) + self.block(t)(x))
-        return self.head(x)
+        keep = [True] * self.num_blocks
+        return self._in_chunks(lambda xs, _: self._run_chain(xs, keep), x)
 
     def forward_policies(self, x: torch.Tensor, policies: Sequence[torch.Tensor],
                          dynamic: bool = True) -> List[torch.Tensor]:
         """Logits of the same images under several policies (e.g. the greedy and the
-        sampled policy of a training step). ``dynamic=True`` runs them as one
-        ``forward_dynamic`` pass over the stacked batch; ``dynamic=False`` runs the
-        masked ``forward`` once per policy (the authors' way)."""
+        sampled policy of a training step), one (B, num_classes) tensor per policy.
+
+        ``dynamic=False`` runs the masked ``forward`` once per policy (the authors'
+        way). ``dynamic=True`` runs one dynamic pass in which every image's stem and
+        the leading blocks on which all its policies agree run once per image, and
+        the remaining blocks once per distinct (image, policy) pair.
+        """
         if not dynamic:
             return [self.forward(x, p) for p in policies]
-        stacked = self.forward_dynamic(x.repeat(len(policies), 1, 1, 1), torch.cat(list(policies)))
-        return list(stacked.split(x.shape[0]))
+        if len(policies) == 0:
+            return []
+        keeps = [_policy_on_host(p, x.shape[0], self.num_blocks) for p in policies]
+        logits = self._in_chunks(self._policies_pass, x, torch.stack(keeps, 1), len(keeps))
+        return list(logits.unbind(1))
+
+    def _policies_pass(self, x: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
+        """Logits (B, P, classes) of ``x`` under the (B, P, K) bool CPU policies ``keeps``."""
+        batch, count = keeps.shape[:2]
+        differs = (keeps != keeps[:, :1]).any(0).any(0)  # (K,) some image's policies differ
+        split = int(differs.to(torch.uint8).argmax()) if bool(differs.any()) else self.num_blocks
+        # distinct (image, policy) rows; rows are ordered by image, then policy
+        image = torch.arange(batch).repeat_interleave(count)
+        pairs, inverse = torch.unique(torch.cat([image.unsqueeze(1), keeps.flatten(0, 1).long()], 1),
+                                      dim=0, return_inverse=True)
+        h = self._run_blocks(self.stem(x), keeps[:, 0], 0, split)
+        if pairs.shape[0] != batch:
+            h = _gather(h, pairs[:, 0].to(h.device))
+        h = self._run_blocks(h, pairs[:, 1:].bool(), split, self.num_blocks)
+        return self.head(h).index_select(0, inverse.to(h.device)).view(batch, count, -1)
 
     def forward_dynamic(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         """Per-image execution: each block runs only on the images that keep it.
 
-        The rows that keep block t are gathered, pushed through the block and
-        written back; all others pass their residual on. Equal to ``forward``
-        in eval mode (BatchNorm in train mode would see different batches).
+        The whole policy is read in one host transfer. When the batch holds at most
+        ``GROUP_MAX`` distinct policies (one image, or ImageNet's few dominant
+        policies) the images are grouped by policy and each group runs its own
+        chain of blocks. Otherwise, block by block, the rows that keep it are
+        gathered, pushed through the block and written back; all others pass their
+        residual on. Equal to ``forward`` in eval mode (BatchNorm in train mode
+        would see different batches).
         """
-        check_policy(policy, x.shape[0], self.num_blocks)
-        keep = policy.bool()
-        counts = keep.sum(0).tolist()
-        # indices of the images that keep each block, from a single host sync
-        rows = keep.t().nonzero()[:, 1].split(counts)
+        keep = _policy_on_host(policy, x.shape[0], self.num_blocks)
+        # a block's working set is the rows that keep it: chunks grow as usage falls
+        usage = float(keep.float().mean()) if keep.numel() else 1.0
+        return self._in_chunks(self._forward_dynamic, x, keep, max(usage, 0.25))
+
+    def _forward_dynamic(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        groups = _policy_groups(keep, self.GROUP_MAX)
+        if groups is None:
+            return self.head(self._run_blocks(self.stem(x), keep, 0, self.num_blocks))
+        if len(groups) == 1:
+            return self._run_chain(x, groups[0][0])
+        out = None
+        for vector, rows in groups:
+            idx = rows.to(x.device, non_blocking=True)
+            logits = self._run_chain(_gather(x, idx), vector)
+            if out is None:
+                out = logits.new_empty((x.shape[0],) + logits.shape[1:])
+            out = _write_rows(out, idx, logits)
+        return out
+
+    # at most this many distinct policies in a batch: group the images by policy
+    GROUP_MAX = 4
+    # CPU inference (eval mode) splits a batch into chunks whose widest activation
+    # takes at most this many bytes: large tensors fall out of the caches and, past
+    # glibc's mmap threshold, are page-faulted in anew at every allocation.
+    # In eval mode chunks compute the same function (BatchNorm uses running
+    # statistics; float rounding may differ in the last bit, as between batch sizes);
+    # every forward path uses it. 0 turns it off.
+    cpu_chunk_bytes = 4 << 20
+
+    def chunk_size(self, x: torch.Tensor, rows_per_image: float = 1.0) -> int:
+        """Images per chunk for ``x``: the whole batch unless on CPU in eval mode.
+        ``rows_per_image``: activation rows a block works on per image (several
+        policies: one per policy; dynamic execution: the share that keeps a block)."""
         batch = x.shape[0]
-        x = self.stem(x)
-        for t in range(self.num_blocks):
+        if self.training or x.device.type != "cpu" or self.cpu_chunk_bytes <= 0:
+            return batch
+        # the widest activation has 16 channels per input pixel in both layouts
+        # (CIFAR stem: 16 x H x W; ImageNet stem 64 x H/2 x W/2, stage 1 256 x H/4 x W/4)
+        per_image = 16 * x.shape[-2] * x.shape[-1] * x.element_size() * rows_per_image
+        return max(1, min(batch, int(self.cpu_chunk_bytes // per_image)))
+
+    def _in_chunks(self, fn, x: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                   rows_per_image: float = 1.0) -> torch.Tensor:
+        """``fn(x, rows)`` on chunks of ``chunk_size(x, rows_per_image)`` images (rows
+        split alike), concatenated."""
+        size = self.chunk_size(x, rows_per_image)
+        if size >= x.shape[0]:
+            return fn(x, rows)
+        return torch.cat([fn(x[i:i + size], None if rows is None else rows[i:i + size])
+                          for i in range(0, x.shape[0], size)])
+
+    def _run_blocks(self, x: torch.Tensor, keep: torch.Tensor, start: int,
+                    stop: int) -> torch.Tensor:
+        """Blocks ``start..stop-1`` on features ``x``; ``keep`` is a (B, K) bool CPU tensor
+        of the rows of ``x``. Each block runs on the gathered rows that keep it."""
+        batch = x.shape[0]
+        if start >= stop:
+            return x
+        cols = keep[:, start:stop]
+        counts = cols.sum(0).tolist()
+        # the row indices of every block, moved to the device in one transfer
+        rows = cols.t().nonzero()[:, 1].to(x.device, non_blocking=True).split(counts)
+        for t in range(start, stop):
+            n = counts[t - start]
             residual = self.residual(t, x)
-            if counts[t] == batch:
-                x = F.relu(residual + self.block(t)(x))
-            elif counts[t] == 0:
+            if n == 0:
                 x = residual
+            elif n == batch:
+                x = self._run_block(t, x, residual)
             else:
-                idx = rows[t]
-                fx = F.relu(residual.index_select(0, idx) + self.block(t)(x.index_select(0, idx)))
-                x = residual.index_copy(0, idx, fx)
-        return self.head(x)
+                idx = rows[t - start]
+                xs = _gather(x, idx)
+                res = xs if residual is x else _gather(residual, idx)
+                x = _write_rows(residual, idx, self._run_block(t, xs, res))
+        return x
+
+
+def _policy_on_host(policy: torch.Tensor, batch: int, num_blocks: int) -> torch.Tensor:
+    """Validate a (batch, K) policy and return it as a bool CPU tensor (one host sync)."""
+    if isinstance(policy, torch.Tensor):
+        check_policy(policy, batch, num_blocks, values=False)  # before any transfer
+        policy = policy.detach().cpu()
+    check_policy(policy, batch, num_blocks)
+    return policy.bool()
+
+
+def _policy_groups(keep: torch.Tensor, max_groups: int):
+    """``[(keep flags, row indices)]`` per distinct policy of ``keep`` (B, K), or None
+    when there are more than ``max_groups`` distinct policies."""
+    if keep.shape[0] == 0:
+        return None
+    if keep.shape[0] > max_groups:
+        # cheap rejection: more distinct rows among the first few than allowed
+        if torch.unique(keep[: 4 * max_groups], dim=0).shape[0] > max_groups:
+            return None
+    vectors, inverse = torch.unique(keep, dim=0, return_inverse=True)
+    if vectors.shape[0] > max_groups:
+        return None
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=vectors.shape[0]).tolist()
+    return [(v.tolist(), rows) for v, rows in zip(vectors, order.split(counts))]
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, idx)`` that keeps a channels_last layout channels_last."""
+    if _is_nhwc(x):
+        return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+    return x.index_select(0, idx)
+
+
+def _write_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``base`` with ``rows`` written at ``idx`` along dim 0: in place when no gradient
+    is built (``base`` is then an intermediate the caller owns), else a copy."""
+    if torch.is_grad_enabled():
+        return base.index_copy(0, idx, rows)
+    if _is_nhwc(base) and _is_nhwc(rows):  # copy whole contiguous images
+        base.permute(0, 2, 3, 1).index_copy_(0, idx, rows.permute(0, 2, 3, 1))
+        return base
+    return base.index_copy_(0, idx, rows)
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    """A 4-d tensor laid out channels_last (and not also plain contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)

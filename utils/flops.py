@@ -10,9 +10,10 @@ one cost per residual block, so that for a whole batch of policies
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, Tuple
+from typing import Dict, Iterator, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,19 +29,26 @@ def _layer_cost(module: nn.Module, out: torch.Tensor) -> int:
     return 2 * module.in_features * module.out_features
 
 
-def module_flops(run, module: nn.Module) -> Dict[str, int]:
-    """FLOPs of each Conv2d/Linear of ``module`` (by name) during ``run()`` on one image."""
+@contextlib.contextmanager
+def flop_counter(module: nn.Module) -> Iterator[Dict[str, int]]:
+    """While open, count the FLOPs of each Conv2d/Linear of ``module`` (by name) into
+    the yielded dict, with forward hooks (the authors counted inside their layers)."""
     names = {m: n for n, m in module.named_modules()}
     costs: Dict[str, int] = {}
     hooks = [m.register_forward_hook(
         lambda m, _inp, out: costs.__setitem__(names[m], costs.get(names[m], 0) + _layer_cost(m, out)))
         for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        with torch.no_grad():
-            run()
+        yield costs
     finally:
         for h in hooks:
             h.remove()
+
+
+def module_flops(run, module: nn.Module) -> Dict[str, int]:
+    """FLOPs of each Conv2d/Linear of ``module`` (by name) during ``run()`` on one image."""
+    with flop_counter(module) as costs, torch.no_grad():
+        run()
     return costs
 
 

@@ -1,0 +1,79 @@
+"""The benchmark's smoke run, its JSON output and its flag checks (no timing asserts)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from models import get_model
+from utils.benchmark import calibrate_agent, main, random_policies
+
+TINY = ["--quick", "--models", "R32_C10", "--batch-sizes", "1", "3", "--repeats", "1",
+        "--warmup", "0", "--single-images", "2", "--eval-models", "R32_C10",
+        "--eval-images", "6", "--eval-batch", "4", "--cl-model", "R32_C10", "--cl-batch", "4",
+        "--cl-repeats", "1"]
+
+
+def test_quick_run_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(TINY + ["--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "R32_C10" in printed and "FLOP bound" in printed and "Unique Policies" in printed
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch"] == torch.__version__
+    rows = data["inference"]
+    assert [(r["model"], r["batch"], r["keep"]) for r in rows] == [("R32_C10", 1, 7),
+                                                                  ("R32_C10", 3, 7)]
+    for r in rows:
+        assert set(r["ms_per_image"]) == {"full", "masked", "single", "dynamic"}
+        assert all(v > 0 for v in r["ms_per_image"].values())
+        assert r["speedup"]["full"] == 1.0
+        assert 1.0 < r["flop_bound"] < 137725184 / 24479744  # below full / policy-net FLOPs
+    (ev,) = data["eval"]
+    assert ev["same_statistics"] is True and ev["images"] == 6
+    assert all(v > 0 for v in ev["images_per_s"].values())
+    cl = data["curriculum"]
+    assert cl["cl_step"] == 15 and cl["batch"] == 4
+    assert set(cl["steps_per_s"]) == {"masked", "dynamic"}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-sizes", "0"], "--batch-sizes must be at least 1"),
+    (["--keep", "R32_C10=16"], r"N must be in \[0, 15\]"),
+    (["--keep", "R32_C10=-1"], r"N must be in \[0, 15\]"),
+    (["--keep", "R32_C10"], "MODEL=N"),
+    (["--keep", "R999=3"], "unknown model 'R999'"),
+    (["--models", "R999"], "unknown model 'R999'; valid names: R32_C10"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--eval-images", "0"], "--eval-images must be at least 1"),
+    (["--cl-keep-fraction", "1.5"], "--cl-keep-fraction"),
+    (["--bf16"], "needs --device cuda"),
+])
+def test_bad_flags_are_rejected(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick"] + flags)
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_random_policies_keep_exactly_k():
+    gen = torch.Generator().manual_seed(0)
+    policy = random_policies(50, 54, 17, gen)
+    assert policy.shape == (50, 54)
+    assert (policy.sum(1) == 17).all()
+    assert torch.unique(policy, dim=0).shape[0] > 40  # chosen per image
+    assert random_policies(3, 15, 0, gen).sum() == 0 and random_policies(3, 15, 15, gen).all()
+
+
+def test_calibrated_agent_keeps_the_asked_fraction():
+    torch.manual_seed(0)
+    _, agent = get_model("R32_C10")
+    agent.eval()
+    x = torch.rand(60, 3, 32, 32)
+    calibrate_agent(agent, x, 1.0 / 3.0)
+    with torch.no_grad():
+        kept = (agent(x)[0] >= 0.5).float().mean(0)
+    assert torch.allclose(kept, torch.full_like(kept, 1.0 / 3.0), atol=0.05)

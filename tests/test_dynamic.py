@@ -1,0 +1,206 @@
+"""forward_dynamic and forward_policies agree with the masked forward (SPEC section 2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import get_model
+from utils.benchmark import curriculum_losses, random_policies
+
+# (model, image size, batch): R101 needs 224x224 for its 7x7 head pool
+CASES = [("R32_C10", 32, 6), ("R110_C10", 32, 5), ("R32_C100", 32, 6),
+         ("R110_C100", 32, 5), ("R101_ImgNet", 224, 2)]
+
+
+def _models(name: str, seed: int = 0):
+    """Models in eval mode; CPU chunking off, so that the per-block paths are tested."""
+    torch.manual_seed(seed)
+    rnet, agent = get_model(name)
+    rnet.cpu_chunk_bytes = agent.features.cpu_chunk_bytes = 0
+    return rnet.eval(), agent.eval()
+
+
+def assert_same_logits(expected: torch.Tensor, got: torch.Tensor) -> None:
+    scale = expected.abs().max().clamp_min(1e-6)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max() / scale) < 1e-5
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def policy_batch(batch: int, num_blocks: int, gen: torch.Generator) -> dict:
+    """Random policies plus the edge cases: all dropped, all kept, shared rows."""
+    two = torch.randint(0, 2, (2, num_blocks), generator=gen).float()
+    return {
+        "random": torch.randint(0, 2, (batch, num_blocks), generator=gen).float(),
+        "none": torch.zeros(batch, num_blocks),
+        "all": torch.ones(batch, num_blocks),
+        "two_distinct": two[torch.arange(batch) % 2],  # the grouped path
+    }
+
+
+@pytest.mark.parametrize("name,size,batch", CASES)
+def test_dynamic_equals_masked(name, size, batch):
+    rnet, _ = _models(name)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 3, size, size, generator=gen)
+    policies = policy_batch(batch, rnet.num_blocks, gen)
+    if name == "R101_ImgNet":  # keep the big model's test short
+        policies = {k: policies[k] for k in ("random", "two_distinct")}
+    with torch.no_grad():
+        for kind, policy in policies.items():
+            expected = rnet(x, policy)
+            assert_same_logits(expected, rnet.forward_dynamic(x, policy))
+            if kind == "all":
+                assert_same_logits(expected, rnet.forward_full(x))
+
+
+def test_dynamic_paths_small_model():
+    """Batch of one, bool/int policies, gradient mode and the single-policy path."""
+    rnet, _ = _models("R32_C10")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(7, 3, 32, 32, generator=gen)
+    policy = random_policies(7, rnet.num_blocks, 7, gen)
+    with torch.no_grad():
+        expected = rnet(x, policy)
+        assert_same_logits(expected, rnet.forward_dynamic(x, policy.bool()))
+        assert_same_logits(expected, rnet.forward_dynamic(x, policy.long()))
+        for i in range(7):
+            assert_same_logits(expected[i:i + 1], rnet.forward_dynamic(x[i:i + 1], policy[i:i + 1]))
+            assert_same_logits(expected[i:i + 1], rnet.forward_single(x[i:i + 1], policy[i]))
+    x.requires_grad_(True)  # with autograd the in-place writes are avoided
+    out = rnet.forward_dynamic(x, policy)
+    assert_same_logits(expected, out.detach())
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_dynamic_channels_last():
+    """channels_last weights and inputs: the gathers keep the layout, results agree."""
+    rnet, _ = _models("R110_C10")
+    rnet.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(6, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    policy = random_policies(6, rnet.num_blocks, 17, gen)
+    with torch.no_grad():
+        assert_same_logits(rnet(x, policy), rnet.forward_dynamic(x, policy))
+        assert_same_logits(rnet(x, policy), rnet.forward_policies(x, [policy])[0])
+
+
+def test_dynamic_leaves_inputs_alone():
+    rnet, _ = _models("R32_C10")
+    x = torch.rand(4, 3, 32, 32)
+    policy = torch.randint(0, 2, (4, rnet.num_blocks)).float()
+    x0, p0 = x.clone(), policy.clone()
+    with torch.inference_mode():
+        rnet.forward_dynamic(x, policy)
+    assert torch.equal(x, x0) and torch.equal(policy, p0)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.ones(3, 15), r"shape \(batch=4, K=15\)"),
+    (torch.ones(4, 14), r"shape \(batch=4, K=15\)"),
+    (torch.ones(4, 15, 1), r"shape \(batch=4, K=15\)"),
+    (torch.ones(15), r"shape \(batch=4, K=15\)"),
+    (torch.full((4, 15), 0.5), "0 \\(drop\\) or 1 \\(keep\\)"),
+    (torch.full((4, 15), 2), "0 \\(drop\\) or 1 \\(keep\\)"),
+    (torch.full((4, 15), float("nan")), "0 \\(drop\\) or 1 \\(keep\\)"),
+    (torch.ones(4, 15, dtype=torch.complex64), "bool, integer or float"),
+    ([[1] * 15] * 4, r"tensor of shape \(4, 15\)"),
+])
+def test_bad_policies_raise_before_compute(bad, match, monkeypatch):
+    rnet, _ = _models("R32_C10")
+    calls = []
+    monkeypatch.setattr(rnet, "stem", lambda x: calls.append(x))
+    x = torch.rand(4, 3, 32, 32)
+    with pytest.raises(ValueError, match=match):
+        rnet.forward_dynamic(x, bad)
+    with pytest.raises(ValueError, match=match):
+        rnet.forward_policies(x, [torch.ones(4, 15), bad])
+    assert not calls
+
+
+@pytest.mark.parametrize("name", ["R32_C10", "R110_C10"])
+def test_forward_policies_equal_masked(name):
+    rnet, _ = _models(name)
+    gen = torch.Generator().manual_seed(3)
+    batch, K = 6, rnet.num_blocks
+    x = torch.rand(batch, 3, 32, 32, generator=gen)
+    greedy = torch.randint(0, 2, (batch, K), generator=gen).float()
+    greedy[:, :K // 2] = 1  # a curriculum: the leading blocks are kept by every policy
+    sampled = greedy.clone()
+    sampled[:3, K // 2:] = torch.randint(0, 2, (3, K - K // 2), generator=gen).float()
+    cases = [[greedy, sampled], [sampled], [greedy, greedy, torch.zeros(batch, K)],
+             [torch.ones(batch, K), torch.zeros(batch, K)]]
+    with torch.no_grad():
+        for policies in cases:
+            fast = rnet.forward_policies(x, policies)
+            slow = rnet.forward_policies(x, policies, dynamic=False)
+            assert len(fast) == len(policies)
+            for f, s, p in zip(fast, slow, policies):
+                assert_same_logits(rnet(x, p), s)
+                assert_same_logits(s, f)
+    assert rnet.forward_policies(x, []) == []
+
+
+@pytest.mark.parametrize("cl_step", [3, 15])
+def test_fast_curriculum_step_matches_masked(cl_step):
+    """One curriculum step: two masked forwards vs one forward_policies pass give
+    the same rewards and the same policy gradient."""
+    rnet, agent = _models("R32_C10")
+    agent.train()
+    start = {k: v.clone() for k, v in agent.state_dict().items()}
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(8, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    results = []
+    for dynamic in (False, True):
+        agent.load_state_dict(start)
+        agent.zero_grad()
+        loss, r_sample, r_greedy, sampled = curriculum_losses(
+            rnet, agent, x, y, cl_step, dynamic, generator=torch.Generator().manual_seed(5))
+        loss.backward()
+        grads = [p.grad.clone() for p in agent.parameters() if p.grad is not None]
+        results.append((loss.detach(), r_sample, r_greedy, sampled, grads))
+    (l0, rs0, rg0, s0, g0), (l1, rs1, rg1, s1, g1) = results
+    assert torch.equal(s0, s1)
+    assert (s0[:, :15 - cl_step] == 1).all()
+    assert torch.equal(rs0, rs1) and torch.equal(rg0, rg1)
+    assert torch.equal(l0, l1)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
+
+
+def test_cpu_chunking_changes_nothing():
+    """Eval-mode CPU chunking (forced to 3 images here) gives the unchunked logits on
+    every path; train mode never chunks (BatchNorm would see other batches)."""
+    rnet, agent = _models("R32_C10")
+    gen = torch.Generator().manual_seed(6)
+    x = torch.rand(8, 3, 32, 32, generator=gen)
+    policy = torch.randint(0, 2, (8, rnet.num_blocks), generator=gen).float()
+    other = torch.randint(0, 2, (8, rnet.num_blocks), generator=gen).float()
+    paths = {
+        "masked": lambda: rnet(x, policy),
+        "dynamic": lambda: rnet.forward_dynamic(x, policy),
+        "full": lambda: rnet.forward_full(x),
+        "single": lambda: rnet.forward_single(x, policy[0]),
+        "policies": lambda: torch.cat(rnet.forward_policies(x, [policy, other])),
+        "agent": lambda: agent(x)[0],
+    }
+    with torch.no_grad():
+        whole = {k: f() for k, f in paths.items()}
+        per_image = 16 * 32 * 32 * 4
+        for net in (rnet, agent.features):
+            net.cpu_chunk_bytes = 3 * per_image
+        assert rnet.chunk_size(x) == 3
+        for k, f in paths.items():
+            assert_same_logits(whole[k], f())
+    rnet.train()
+    assert rnet.chunk_size(x) == 8
+
+
+def test_empty_batch():
+    rnet, _ = _models("R32_C10")
+    with torch.no_grad():
+        out = rnet.forward_dynamic(torch.rand(0, 3, 32, 32), torch.zeros(0, rnet.num_blocks))
+    assert out.shape == (0, 10)
