@@ -27,7 +27,7 @@ stage "1/6 shapes dataset: 1500 training and 500 test images, half of them hard"
 
 stage "2/6 pretrain the base ResNet-32 (SGD, 6 epochs)"
 "$PY" pretrain_resnet.py "${COMMON[@]}" --cv_dir "$OUT/pretrain" --epochs 6 --batch_size 32 \
-  --lr 0.02 --milestones 4 5 --test_every 6
+  --lr 0.02 --milestones 4 5 --test_every 1
 BASE=$(ls "$OUT"/pretrain/pk_E_6_A_*.t7)
 
 stage "3/6 curriculum learning: one more block for the policy each epoch (15 epochs, K=15)"
@@ -37,7 +37,7 @@ CL=$(ls "$OUT"/cl/ckpt_E_14_*.t7)
 
 stage "4/6 joint finetuning of policy and ResNet (gamma = 5, 3 epochs)"
 "$PY" finetune.py "${COMMON[@]}" --cv_dir "$OUT/finetune" --base_ckpt "$BASE" --pretrained "$CL" \
-  --max_epochs 2 --batch_size 64 --lr 5e-4 --penalty -5 --test_every 2
+  --max_epochs 2 --batch_size 64 --lr 5e-4 --penalty -5 --test_every 1
 FT=$(ls "$OUT"/finetune/ckpt_E_2_*.t7)
 
 stage "5/6 test.py on the finetuned checkpoint (chance accuracy: 0.100; all blocks: 15)"
