@@ -22,9 +22,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet, get_spec
-from utils.checkpoint import CheckpointError, load_blockdrop_checkpoint, read_checkpoint
+from utils.checkpoint import (CheckpointError, load_blockdrop_checkpoint, load_default_base,
+                              read_checkpoint)
 from utils.cli import (Context, add_authors_args, add_policy_init_arg, add_run_args,
-                       check_checkpoint_model, epochs_for, fail, init_policy, load_base,
+                       check_checkpoint_model, epochs_for, fail, init_policy,
                        loaders_for, parse, run_stage, start)
 from utils.data import DataError
 from utils.dist import wrap
@@ -62,7 +63,7 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
                 resuming: bool) -> Tuple[FlatResNet, PolicyNet, int]:
     """Base ResNet (frozen) and policy; ``--load`` restores an agent. Returns the start epoch."""
     rnet, agent = build_resnet(spec), build_policy(spec)
-    load_base(rnet, spec, args.base_ckpt)
+    load_default_base(rnet, spec, args.base_ckpt)
     start_epoch = 0
     if args.load and not resuming:
         ckpt = read_checkpoint(args.load)

@@ -20,10 +20,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet, get_spec
-from utils.checkpoint import (CheckpointError, load_blockdrop_checkpoint, load_state_strict,
+from utils.checkpoint import (CheckpointError, load_blockdrop_checkpoint, load_default_base,
+                              load_state_strict,
                               policy_state, read_checkpoint)
 from utils.cli import (Context, add_authors_args, add_policy_init_arg, add_run_args,
-                       check_checkpoint_model, epochs_for, fail, init_policy, load_base,
+                       check_checkpoint_model, epochs_for, fail, init_policy,
                        loaders_for, parse, run_stage, start)
 from utils.data import DataError
 from utils.dist import wrap
@@ -66,7 +67,7 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
     ckpt = read_checkpoint(args.load) if args.load else None
     check_checkpoint_model(ckpt, args.load, spec.name)
     if not (isinstance(ckpt, dict) and "resnet" in ckpt):
-        load_base(rnet, spec, args.base_ckpt)
+        load_default_base(rnet, spec, args.base_ckpt)
     if args.pretrained:
         load_pretrained_policy(agent, args.pretrained, spec.name)
     elif ckpt is None:

@@ -216,8 +216,7 @@ class FlatResNet(nn.Module):
                 x = residual
                 continue
             m = mask[:, t].view(-1, 1, 1, 1)
-            fx = F.relu(residual + self.block(t)(x))
-            x = fx * m + residual * (1 - m)
+            x = self._run_block(t, x, residual) * m + residual * (1 - m)
         return self.head(x)
 
     def forward_single(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:

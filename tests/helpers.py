@@ -5,6 +5,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from legacy_writer import legacy_state_dict
 from utils.data import write_cifar_folder
 
 
@@ -30,3 +31,17 @@ def make_cifar(root, n: int = 24, num_classes: int = 10, train: bool = False, se
     labels = rng.integers(0, num_classes, size=n)
     write_cifar_folder(str(root), images, labels, train=train, num_classes=num_classes)
     return str(root)
+
+
+def pk_layout(rnet) -> dict:
+    """img_classification_pk_pytorch names: module. prefix, layer<i>, no num_batches_tracked."""
+    out = {}
+    for k, v in legacy_state_dict(rnet).items():
+        if k.startswith("blocks."):
+            _, s, rest = k.split(".", 2)
+            k = f"layer{int(s) + 1}.{rest}"
+        elif k.startswith("ds."):
+            _, s, rest = k.split(".", 2)
+            k = f"layer{int(s) + 1}.0.downsample.{rest}"
+        out["module." + k] = v
+    return out

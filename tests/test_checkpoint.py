@@ -6,25 +6,11 @@ import os
 import pytest
 import torch
 
-from helpers import randomize_bn
+from helpers import pk_layout, randomize_bn
 from legacy_writer import legacy_state_dict, save_pytorch03
 from models import get_model
 from utils.checkpoint import (CheckpointError, load_base_resnet, load_blockdrop_checkpoint,
                               read_checkpoint, save_checkpoint)
-
-
-def _pk_layout(rnet):
-    """img_classification_pk_pytorch names: module. prefix, layer<i>, no num_batches_tracked."""
-    out = {}
-    for k, v in legacy_state_dict(rnet).items():
-        if k.startswith("blocks."):
-            _, s, rest = k.split(".", 2)
-            k = f"layer{int(s) + 1}.{rest}"
-        elif k.startswith("ds."):
-            _, s, rest = k.split(".", 2)
-            k = f"layer{int(s) + 1}.0.downsample.{rest}"
-        out["module." + k] = v
-    return out
 
 
 def _same(a, b):
@@ -62,7 +48,7 @@ def test_pretrained_base_in_pk_layout(tmp_path, name):
     randomize_bn(rnet)
     path = str(tmp_path / "pk.t7")
     save_pytorch03({"args": argparse.Namespace(arch="resnet", depth=32), "epoch": 164,
-                    "state_dict": _pk_layout(rnet), "best_err1": 7.7}, path)
+                    "state_dict": pk_layout(rnet), "best_err1": 7.7}, path)
     r2, _ = get_model(name)
     load_base_resnet(r2, path)
     assert _same(rnet, r2)

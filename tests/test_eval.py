@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import test as test_script
-from helpers import make_cifar, randomize_bn
+from helpers import make_cifar, pk_layout, randomize_bn
 from legacy_writer import legacy_state_dict, save_pytorch03
 from models import get_model, get_spec
 from utils.data import get_dataset
@@ -108,14 +108,7 @@ def test_agent_only_checkpoint_uses_the_default_base_path(tmp_path, capsys, monk
     monkeypatch.chdir(tmp_path)
     base = get_spec("R32_C10").base_checkpoint
     os.makedirs(os.path.dirname(base))
-    # pk names are layer<i> with i from 1
-    state = {}
-    for k, v in legacy_state_dict(rnet).items():
-        if k.startswith("blocks."):
-            _, s, rest = k.split(".", 2)
-            k = f"layer{int(s) + 1}.{rest}"
-        state["module." + k] = v
-    save_pytorch03({"state_dict": state}, base)
+    save_pytorch03({"state_dict": pk_layout(rnet)}, base)
     cl = str(tmp_path / "cl.t7")
     save_pytorch03({"agent": legacy_state_dict(agent), "epoch": 5300}, cl)
     expected = _reference_block(rnet, agent, testset)

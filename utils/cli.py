@@ -16,7 +16,7 @@ from typing import NoReturn, Optional, Sequence, Tuple
 import torch
 
 from models import MODEL_SPECS, get_spec
-from utils.checkpoint import (CheckpointError, load_default_base, load_torchvision_policy_init,
+from utils.checkpoint import (CheckpointError, load_torchvision_policy_init,
                               read_checkpoint)
 from utils.config import ConfigError, check_common, save_config, to_plain
 from utils.data import get_datasets, make_loaders
@@ -133,11 +133,6 @@ def check_checkpoint_model(ckpt, path: str, name: str) -> None:
     """Our checkpoints record their model (``model``); refuse one written for another."""
     if isinstance(ckpt, dict) and ckpt.get("model", name) != name:
         raise CheckpointError(f"{path} holds a {ckpt['model']} model, not {name}")
-
-
-def load_base(rnet: torch.nn.Module, spec, path: Optional[str]) -> str:
-    """Load the pretrained base ResNet (``--base_ckpt`` or the spec's default path)."""
-    return load_default_base(rnet, spec, path)
 
 
 def init_policy(agent: torch.nn.Module, spec, path: Optional[str]) -> bool:
