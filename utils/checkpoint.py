@@ -15,6 +15,8 @@ single tensor is copied, so a bad file never leaves a half-loaded model.
 """
 from __future__ import annotations
 
+from utils.errors import UserError
+
 import argparse
 import os
 import re
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
 

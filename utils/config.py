@@ -11,6 +11,8 @@ before the first training step.
 """
 from __future__ import annotations
 
+from utils.errors import UserError
+
 import argparse
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -21,7 +23,7 @@ import yaml
 RUN_CONTROL_KEYS = ("config", "resume", "device", "workers", "no_progress")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file is unreadable or names unknown settings."""
 
 

@@ -8,6 +8,8 @@ from ``data_dir/train/<class>/`` and ``data_dir/val/<class>/``.
 """
 from __future__ import annotations
 
+from utils.errors import UserError
+
 import os
 import pickle
 from typing import Callable, List, Tuple
@@ -19,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from models.specs import ModelSpec
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data folder is missing or does not hold the expected files."""
 
 

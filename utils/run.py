@@ -17,6 +17,8 @@ Only the main process writes any of it.
 """
 from __future__ import annotations
 
+from utils.errors import UserError
+
 import argparse
 import glob
 import json
@@ -36,7 +38,7 @@ TB_TAGS = {"accuracy": "accuracy", "reward": "reward", "block_usage": "sparsity"
            "block_usage_std": "variance", "unique_policies": "unique_policies", "loss": "loss"}
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError, RuntimeError):
     """The run folder cannot be used as asked (it would overwrite a run, or has none to resume)."""
 
 
