@@ -35,21 +35,6 @@ from utils.engine import (Stage, classifier_train_step, evaluate_classifier, mul
 from utils.run import LAST
 
 PROG = "pretrain_resnet.py"
-RECIPES = {  # dataset kind -> (batch size, epochs)
-    "cifar": (128, 164),
-    "imagenet": (256, 90),
-}
-
-
-class FullResNet(nn.Module):
-    """The base ResNet with every block kept, as a module DDP can wrap."""
-
-    def __init__(self, rnet: FlatResNet):
-        super().__init__()
-        self.rnet = rnet
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rnet.forward_full(x)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the epochs, ImageNet every 30)")
     p.add_argument("--lr_decay_ratio", type=float, default=0.1)
     p.add_argument("--init_torchvision", default=None,
-                   help="ImageNet: torchvision resnet101 state-dict file to start from")
+                   help="state-dict file of the model's torchvision counterpart (R101_ImgNet: "
+                        "resnet101, R50_ImgNet: resnet50) to start from")
     p.add_argument("--parallel", action="store_true",
                    help="use all GPUs: launch with torchrun --nproc_per_node=<GPUs>")
     add_run_args(p, test_every=10, base_ckpt=False)
@@ -81,15 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fill_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the dataset's recipe into the options left unset (None)."""
+    """Fill the model's pretraining recipe (``spec.pretrain``) into the options left unset."""
     spec = get_spec(args.model)
-    batch, epochs = RECIPES[spec.arch]
+    recipe = spec.pretrain
     args.cv_dir = args.cv_dir or os.path.dirname(spec.base_checkpoint)
-    args.batch_size = args.batch_size or batch
-    args.epochs = args.epochs if args.epochs is not None else epochs
+    args.batch_size = args.batch_size or recipe.batch_size
+    args.epochs = args.epochs if args.epochs is not None else recipe.epochs
     if args.milestones is None:
-        args.milestones = ([args.epochs // 2, args.epochs * 3 // 4] if spec.arch == "cifar"
-                           else list(range(30, args.epochs, 30)))
+        args.milestones = recipe.milestones(args.epochs)
     return args
 
 
@@ -100,8 +85,8 @@ def check(args: argparse.Namespace) -> List[str]:
         problems.append(f"--milestones must be >= 1, got {args.milestones}")
     if args.momentum is not None and args.momentum < 0:
         problems.append(f"--momentum must be >= 0, got {args.momentum}")
-    if args.init_torchvision and get_spec(args.model).arch != "imagenet":
-        problems.append("--init_torchvision applies to ImageNet models only")
+    if args.init_torchvision and get_spec(args.model).torchvision_base is None:
+        problems.append(f"--init_torchvision: {args.model} has no torchvision counterpart")
     return problems
 
 
@@ -118,7 +103,7 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, mod
     return Stage(
         "pretrain", {"resnet": rnet}, optimizer, model.train,
         lambda epoch: lambda x, y, idx: classifier_train_step(model, x, y, amp=args.amp),
-        lambda epoch: evaluate_classifier(FullResNet(rnet), test_loader, ctx.device,
+        lambda epoch: evaluate_classifier(rnet, test_loader, ctx.device,
                                           not args.no_progress and ctx.info.is_main),
         lambda e: multistep_lr(e, args.lr, args.lr_decay_ratio, args.milestones),
         named_checkpoint)
@@ -135,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             load_base_resnet(rnet, args.init_torchvision)
         train_loader, test_loader, sampler = loaders_for(args, spec, ctx)
         rnet.to(ctx.device)
-        model = wrap(FullResNet(rnet), ctx.device, ctx.info)
+        model = wrap(rnet, ctx.device, ctx.info)  # forward(x) runs the full network
         optimizer = torch.optim.SGD(rnet.parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.wd)
         stage = build_stage(args, spec, rnet, model, optimizer, test_loader, ctx)

@@ -1,10 +1,12 @@
-"""BlockDrop models: flat ResNets, policy networks and the registry of settings."""
+"""BlockDrop models: flat ResNets, their dynamic execution, policy networks and the
+registry of model specs."""
 from __future__ import annotations
 
 from typing import Tuple
 
+from .dynamic import check_policy
 from .policy import PolicyNet
-from .resnet import FlatResNet, check_policy
+from .resnet import FlatResNet
 from .specs import MODEL_SPECS, ModelSpec, get_spec
 
 __all__ = ["FlatResNet", "PolicyNet", "ModelSpec", "MODEL_SPECS", "get_spec", "get_model",
@@ -13,14 +15,13 @@ __all__ = ["FlatResNet", "PolicyNet", "ModelSpec", "MODEL_SPECS", "get_spec", "g
 
 def build_resnet(spec: ModelSpec) -> FlatResNet:
     """The base ResNet of ``spec``, randomly initialised."""
-    pool = 8 if spec.arch == "cifar" else 7
-    return FlatResNet(spec.arch, spec.block, spec.layers, spec.num_classes, avgpool=pool)
+    return FlatResNet(spec.resnet, spec.num_classes)
 
 
 def build_policy(spec: ModelSpec) -> PolicyNet:
-    """The policy network of ``spec`` (ResNet-8 or ResNet-10), randomly initialised."""
-    features = FlatResNet(spec.arch, "basic", spec.policy_layers, None, avgpool=spec.policy_avgpool)
-    return PolicyNet(features, spec.num_blocks, spec.policy_input_pool)
+    """The policy network of ``spec`` (e.g. ResNet-8 or ResNet-10), randomly initialised."""
+    features = FlatResNet(spec.policy.net, None)
+    return PolicyNet(features, spec.num_blocks, spec.policy.input_pool)
 
 
 def get_model(name: str) -> Tuple[FlatResNet, PolicyNet]:

@@ -41,7 +41,7 @@ def test_pretrain_invalid_values(tiny_args, tmp_path, capsys):
     _fails(pretrain_resnet.main, tiny_args(tmp_path / "p", "--epochs", "0"),
            "--epochs must be >= 1", capsys, code=2)
     _fails(pretrain_resnet.main, tiny_args(tmp_path / "p", "--init_torchvision", "x.pth"),
-           "ImageNet models only", capsys, code=2)
+           "has no torchvision counterpart", capsys, code=2)
 
 
 def test_missing_data(tiny_data, tiny_args, tmp_path, capsys):

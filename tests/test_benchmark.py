@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import get_model
-from utils.benchmark import calibrate_agent, main, random_policies
+from scripts.benchmark import calibrate_agent, main, random_policies
 
 TINY = ["--quick", "--models", "R32_C10", "--batch-sizes", "1", "3", "--repeats", "1",
         "--warmup", "0", "--single-images", "2", "--eval-models", "R32_C10",

@@ -8,8 +8,8 @@ import torch
 
 from helpers import pk_layout, randomize_bn
 from legacy_writer import legacy_state_dict, save_pytorch03
-from models import get_model
-from utils.checkpoint import (CheckpointError, load_base_resnet, load_blockdrop_checkpoint,
+from models import get_model, get_spec
+from utils.checkpoint import (CheckpointError, default_base_path, load_base_resnet, load_blockdrop_checkpoint,
                               read_checkpoint, save_checkpoint)
 
 
@@ -108,3 +108,17 @@ def test_arbitrary_pickles_are_refused(tmp_path):
     torch.save({"agent": {}, "payload": datetime.date(2020, 1, 1)}, path)
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         read_checkpoint(str(path))
+
+
+def test_default_base_of_a_model_without_released_weights(tmp_path, monkeypatch):
+    """R56/R50 default to the newest file that pretraining wrote (a glob in the spec)."""
+    monkeypatch.chdir(tmp_path)
+    spec = get_spec("R56_C10")
+    assert default_base_path(spec) == spec.base_checkpoint  # nothing there yet
+    folder = tmp_path / "cv" / "pretrained" / "R56_C10"
+    folder.mkdir(parents=True)
+    for i, name in enumerate(["pk_E_164_A_0.900.t7", "pk_E_164_A_0.800.t7"]):
+        (folder / name).write_bytes(b"x")
+        os.utime(folder / name, (1000 + i, 1000 + i))
+    assert default_base_path(spec) == "cv/pretrained/R56_C10/pk_E_164_A_0.800.t7"
+    assert default_base_path(get_spec("R32_C10")) == get_spec("R32_C10").base_checkpoint

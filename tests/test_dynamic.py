@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from models import get_model
-from utils.benchmark import curriculum_losses, random_policies
+from models.dynamic import chunk_size
+from scripts.benchmark import random_policies
+from utils.engine import curriculum_train_step
 
 # (model, image size, batch): R101 needs 224x224 for its 7x7 head pool
 CASES = [("R32_C10", 32, 6), ("R110_C10", 32, 5), ("R32_C100", 32, 6),
@@ -144,27 +146,28 @@ def test_forward_policies_equal_masked(name):
 
 @pytest.mark.parametrize("cl_step", [3, 15])
 def test_fast_curriculum_step_matches_masked(cl_step):
-    """One curriculum step: two masked forwards vs one forward_policies pass give
-    the same rewards and the same policy gradient."""
+    """The engine's curriculum step: two masked forwards vs one forward_policies pass
+    give the same policies, rewards, loss and policy gradient."""
     rnet, agent = _models("R32_C10")
     agent.train()
     start = {k: v.clone() for k, v in agent.state_dict().items()}
     gen = torch.Generator().manual_seed(4)
     x = torch.rand(8, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (8,), generator=gen)
+    noise = torch.rand(8, 15, generator=gen)
     results = []
     for dynamic in (False, True):
         agent.load_state_dict(start)
         agent.zero_grad()
-        loss, r_sample, r_greedy, sampled = curriculum_losses(
-            rnet, agent, x, y, cl_step, dynamic, generator=torch.Generator().manual_seed(5))
-        loss.backward()
+        out = curriculum_train_step(rnet, agent, x, y, noise, alpha=0.8, beta=0.1,
+                                    penalty=-10.0, cl_step=cl_step, dynamic=dynamic)
+        out.loss.backward()
         grads = [p.grad.clone() for p in agent.parameters() if p.grad is not None]
-        results.append((loss.detach(), r_sample, r_greedy, sampled, grads))
-    (l0, rs0, rg0, s0, g0), (l1, rs1, rg1, s1, g1) = results
+        results.append((out.loss.detach(), out.reward, out.match, out.policy, grads))
+    (l0, r0, m0, s0, g0), (l1, r1, m1, s1, g1) = results
     assert torch.equal(s0, s1)
     assert (s0[:, :15 - cl_step] == 1).all()
-    assert torch.equal(rs0, rs1) and torch.equal(rg0, rg1)
+    assert torch.equal(r0, r1) and torch.equal(m0, m1)
     assert torch.equal(l0, l1)
     assert len(g0) == len(g1) > 0
     for a, b in zip(g0, g1):
@@ -192,11 +195,11 @@ def test_cpu_chunking_changes_nothing():
         per_image = 16 * 32 * 32 * 4
         for net in (rnet, agent.features):
             net.cpu_chunk_bytes = 3 * per_image
-        assert rnet.chunk_size(x) == 3
+        assert chunk_size(rnet, x) == 3
         for k, f in paths.items():
             assert_same_logits(whole[k], f())
     rnet.train()
-    assert rnet.chunk_size(x) == 8
+    assert chunk_size(rnet, x) == 8
 
 
 def test_empty_batch():

@@ -9,6 +9,8 @@ def test_pinned_full_network_flops():
     assert flop_table("R110_C10").full_resnet == 505_775_360
     assert flop_table("R101_ImgNet").full_resnet == 15_602_810_880
     assert flop_table("R101_ImgNet").policy == 471_918_592
+    assert flop_table("R56_C10").full_resnet == 250_971_392
+    assert flop_table("R50_ImgNet").full_resnet == 8_178_368_512
 
 
 def test_cifar_tables():

@@ -5,7 +5,7 @@ import torchvision
 
 from helpers import randomize_bn
 from models import MODEL_SPECS, build_policy, build_resnet, get_model, get_spec
-from utils.checkpoint import load_state_strict, load_torchvision_policy_init, torchvision_to_flat
+from utils.checkpoint import load_base_resnet, load_torchvision_policy_init
 
 CIFAR = ["R32_C10", "R110_C10", "R32_C100", "R110_C100"]
 
@@ -15,7 +15,7 @@ def test_every_model_builds_and_runs(name):
     spec = get_spec(name)
     rnet, agent = get_model(name)
     assert rnet.num_blocks == spec.num_blocks == sum(spec.layers)
-    size = spec.image_size if spec.arch == "cifar" else 224
+    size = spec.image_size
     x = torch.rand(1, 3, size, size)
     with torch.no_grad():
         probs, value = agent.eval()(x)
@@ -36,6 +36,25 @@ def test_state_dict_keys_follow_the_authors_layout():
     assert not any(k.startswith("features.fc") for k in akeys)
     cifar, _ = get_model("R32_C10")
     assert not any(k.startswith("ds.") for k in cifar.state_dict())  # parameter-free shortcuts
+
+
+@pytest.mark.parametrize("name,layers,k", [("R56_C10", (9, 9, 9), 27), ("R56_C100", (9, 9, 9), 27),
+                                           ("R50_ImgNet", (3, 4, 6, 3), 16)])
+def test_models_beyond_the_paper(name, layers, k):
+    spec = get_spec(name)
+    assert spec.layers == layers and spec.num_blocks == k
+    rnet, agent = get_model(name)
+    assert rnet.num_blocks == k and agent.logit.out_features == k
+    assert sum(p.numel() for p in agent.features.parameters()) == sum(
+        p.numel() for p in get_model(name.replace("R56", "R32").replace("R50", "R101"))[1]
+        .features.parameters())  # the same ResNet-8 / ResNet-10 policy as the paper's models
+
+
+def test_widest_activation_from_the_spec():
+    """CPU chunks are sized by the widest tensor of the actual layout."""
+    assert get_spec("R110_C10").resnet.widest_activation(32, 32) == 16 * 32 * 32
+    assert get_spec("R50_ImgNet").resnet.widest_activation(224, 224) == 64 * 112 * 112
+    assert get_spec("R101_ImgNet").policy.net.widest_activation(112, 112) == 64 * 56 * 56
 
 
 def test_unknown_model_lists_valid_names():
@@ -92,16 +111,25 @@ def test_bad_policies_are_rejected(bad, match):
             fwd(x, bad)
 
 
-def test_torchvision_resnet101_gives_identical_outputs():
+@pytest.mark.parametrize("name,tv_name", [("R101_ImgNet", "resnet101"), ("R50_ImgNet", "resnet50")])
+def test_torchvision_resnet_gives_identical_outputs(name, tv_name, tmp_path):
+    """A torchvision state dict (random init, nothing downloaded), saved to a file, loads
+    through the base-network loader and gives torchvision's outputs on every path."""
     torch.manual_seed(0)
-    tv = randomize_bn(torchvision.models.resnet101(weights=None), seed=1).eval()
-    rnet = build_resnet(get_spec("R101_ImgNet")).eval()
-    load_state_strict(rnet, torchvision_to_flat(tv.state_dict()), "torchvision resnet101")
+    spec = get_spec(name)
+    assert spec.torchvision_base == tv_name
+    tv = randomize_bn(getattr(torchvision.models, tv_name)(weights=None), seed=1).eval()
+    path = tmp_path / f"{tv_name}.pth"
+    torch.save(tv.state_dict(), path)
+    rnet = build_resnet(spec).eval()
+    load_base_resnet(rnet, str(path))
     x = torch.rand(1, 3, 224, 224)
+    k = spec.num_blocks
     with torch.no_grad():
         ref = tv(x)
         assert torch.allclose(rnet.forward_full(x), ref, atol=1e-4, rtol=1e-4)
-        assert torch.allclose(rnet.forward_dynamic(x, torch.ones(1, 33)), ref, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(rnet(x), ref, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(rnet.forward_dynamic(x, torch.ones(1, k)), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_torchvision_resnet18_initialises_the_imagenet_policy():

@@ -18,6 +18,7 @@ from __future__ import annotations
 from utils.errors import UserError
 
 import argparse
+import glob
 import os
 import re
 import tempfile
@@ -215,10 +216,20 @@ def load_blockdrop_checkpoint(path: str, rnet: Optional[nn.Module], agent: nn.Mo
     return {"agent": agent_state is not None, "resnet": "resnet" in ckpt}
 
 
+def default_base_path(spec) -> str:
+    """``spec.base_checkpoint``; a glob pattern there (models without released weights)
+    names the newest matching file that pretraining wrote, or the pattern if none."""
+    pattern = spec.base_checkpoint
+    if not glob.has_magic(pattern):
+        return pattern
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    return found[-1] if found else pattern
+
+
 def load_default_base(rnet: nn.Module, spec, path: Optional[str] = None,
                       policy_only: bool = False) -> str:
     """Load the pretrained base ResNet from ``path`` or the spec's default path."""
-    path = path or spec.base_checkpoint
+    path = path or default_base_path(spec)
     if not os.path.isfile(path):
         raise CheckpointError(
             f"base ResNet checkpoint not found: {path} ("

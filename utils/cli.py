@@ -136,11 +136,13 @@ def check_checkpoint_model(ckpt, path: str, name: str) -> None:
 
 
 def init_policy(agent: torch.nn.Module, spec, path: Optional[str]) -> bool:
-    """``--policy_init``: start the ImageNet policy from a torchvision resnet18 state dict."""
+    """``--policy_init``: start the policy's features from the torchvision ResNet that
+    ``spec.policy.torchvision_init`` names (resnet18 for the ImageNet ResNet-10)."""
     if path is None:
         return False
-    if spec.arch != "imagenet":
-        raise ValueError(f"--policy_init applies to ImageNet models only, not {spec.name}")
+    if spec.policy.torchvision_init is None:
+        raise ValueError(f"--policy_init: the policy network of {spec.name} has no "
+                         "torchvision counterpart (ImageNet models only)")
     state = read_checkpoint(path)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]

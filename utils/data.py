@@ -26,16 +26,19 @@ class DataError(UserError, RuntimeError):
 
 
 def get_transform(spec: ModelSpec, train: bool) -> Callable:
-    """SPEC section 1: crop+flip for CIFAR training, resize/crop for ImageNet;
-    normalisation only where the base network was trained with it."""
-    if spec.dataset == "ImgNet":
-        ops: List[Callable] = ([T.Resize(256), T.RandomCrop(224), T.RandomHorizontalFlip()] if train
-                               else [T.Resize(256), T.CenterCrop(224)])
-    else:
-        ops = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+    """SPEC section 1, from ``spec.data``: optional resize, then a random crop (with
+    padding) and flip for training or a centre crop for testing (none without a
+    resize); normalisation only where the base network was trained with it."""
+    data = spec.data
+    ops: List[Callable] = [T.Resize(data.resize)] if data.resize else []
+    if train:
+        ops += [T.RandomCrop(data.image_size, padding=data.crop_padding or None),
+                T.RandomHorizontalFlip()]
+    elif data.resize:
+        ops.append(T.CenterCrop(data.image_size))
     ops.append(T.ToTensor())
-    if spec.mean is not None:
-        ops.append(T.Normalize(spec.mean, spec.std))
+    if data.mean is not None:
+        ops.append(T.Normalize(data.mean, data.std))
     return T.Compose(ops)
 
 
@@ -65,11 +68,12 @@ class CIFAR100Files(_AnyCifarFiles, tvd.CIFAR100):
     pass
 
 
-_CIFAR = {"C10": (CIFAR10Files, tvd.CIFAR10), "C100": (CIFAR100Files, tvd.CIFAR100)}
+_CIFAR = {"cifar10": (CIFAR10Files, tvd.CIFAR10, "CIFAR-10"),
+          "cifar100": (CIFAR100Files, tvd.CIFAR100, "CIFAR-100")}
 
 
 def _cifar(spec: ModelSpec, data_dir: str, train: bool, download: bool) -> Dataset:
-    cls, stock = _CIFAR[spec.dataset]
+    cls, stock, title = _CIFAR[spec.data.source]
     if download:
         stock(root=data_dir, train=train, download=True)
     folder = os.path.join(data_dir, cls.base_folder)
@@ -77,14 +81,16 @@ def _cifar(spec: ModelSpec, data_dir: str, train: bool, download: bool) -> Datas
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise DataError(
-            f"{'CIFAR-10' if spec.dataset == 'C10' else 'CIFAR-100'} "
+            f"{title} "
             f"{'training' if train else 'test'} data not found: expected the python-version "
             f"files {', '.join(files)} in {folder}/ (missing: {', '.join(missing)}). "
             f"Pass --download to fetch the dataset, or --data_dir to point at it.")
     return cls(root=data_dir, train=train, transform=get_transform(spec, train))
 
 
-def _imagenet(spec: ModelSpec, data_dir: str, train: bool) -> Dataset:
+def _imagenet(spec: ModelSpec, data_dir: str, train: bool, download: bool) -> Dataset:
+    if download:
+        raise DataError("ImageNet cannot be downloaded automatically; see README")
     folder = os.path.join(data_dir, "train" if train else "val")
     if not os.path.isdir(folder):
         raise DataError(f"ImageNet {'training' if train else 'validation'} folder not found: "
@@ -95,13 +101,13 @@ def _imagenet(spec: ModelSpec, data_dir: str, train: bool) -> Dataset:
         raise DataError(f"{folder}: {err}") from None
 
 
+# spec.data.source -> reader(spec, data_dir, train, download)
+SOURCES = {"cifar10": _cifar, "cifar100": _cifar, "image_folder": _imagenet}
+
+
 def get_dataset(spec: ModelSpec, data_dir: str, train: bool, download: bool = False) -> Dataset:
     """The training or test split of ``spec``'s dataset with its transforms."""
-    if spec.dataset == "ImgNet":
-        if download:
-            raise DataError("ImageNet cannot be downloaded automatically; see README")
-        return _imagenet(spec, data_dir, train)
-    return _cifar(spec, data_dir, train, download)
+    return SOURCES[spec.data.source](spec, data_dir, train, download)
 
 
 def get_datasets(spec: ModelSpec, data_dir: str, download: bool = False) -> Tuple[Dataset, Dataset]:

@@ -1,6 +1,6 @@
 """Wall-clock benchmark of BlockDrop's execution paths (paper Sec. 4.3, Table 2).
 
-    python -m utils.benchmark --out bench.json
+    python -m scripts.benchmark --out bench.json
 
 Three parts, every method timed in one run on the same inputs, interleaved,
 median over repeats after warm-up:
@@ -15,9 +15,10 @@ median over repeats after warm-up:
   analytic FLOPs) against the authors' loop (batch 1, ``forward_single``, FLOPs
   counted per layer with hooks), on the same in-memory images; both must print
   the same statistics.
-* curriculum: steps/s of a curriculum-learning step (Alg. 1, every block decided)
-  whose two no-gradient ResNet passes run masked (``forward`` twice, the authors'
-  way) or through one ``forward_policies`` call.
+* curriculum: steps/s of the engine's curriculum-learning step
+  (``utils.engine.curriculum_train_step``, Alg. 1, every block decided) whose two
+  no-gradient ResNet passes run masked (``forward`` twice, the authors' way) or
+  through one ``forward_policies`` call; backward and Adam update included.
 
 CPU by default; ``--device cuda`` times with CUDA events. ``--channels-last``
 puts both networks in channels_last layout for every method (measured on CPU;
@@ -42,10 +43,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from models import FlatResNet, PolicyNet, get_model, get_spec
-from utils.engine import evaluate
+from utils.engine import curriculum_train_step, evaluate
 from utils.flops import flop_counter, flop_table
-from utils.rewards import (advantage, apply_curriculum, bounded_probs, curriculum_loss,
-                           curriculum_mask, greedy_policy, reward)
+from utils.rewards import greedy_policy
 from utils.stats import format_eval_block, policy_stats
 
 # blocks kept per image by the paper's models: R110 gamma=10 (16.9 of 54),
@@ -226,31 +226,6 @@ def bench_eval(name: str, images: int, batch: int, keep: int, repeats: int,
 
 
 # -- part 3: curriculum step -------------------------------------------------
-def curriculum_losses(rnet: FlatResNet, agent: PolicyNet, inputs: torch.Tensor,
-                      targets: torch.Tensor, cl_step: int, dynamic: bool, alpha: float = 0.8,
-                      beta: float = 0.1, penalty: float = -10.0,
-                      generator: Optional[torch.Generator] = None):
-    """One curriculum-learning step up to the loss (Alg. 1): greedy and sampled
-    policies, their two no-gradient ResNet passes (``forward_policies``, dynamic or
-    masked), Eq. 3 rewards, Eq. 6 advantage and the curriculum loss.
-    Returns ``(loss, reward_sampled, reward_greedy, sampled policy)``."""
-    probs, _ = agent(inputs)
-    batch, num_blocks = probs.shape
-    mask = curriculum_mask(batch, num_blocks, cl_step, probs.device)
-    greedy = apply_curriculum(greedy_policy(probs.detach()), mask)
-    bprobs = bounded_probs(probs, alpha)
-    uniform = torch.rand(bprobs.shape, generator=generator).to(bprobs.device)
-    sampled = apply_curriculum((uniform < bprobs.detach()).to(bprobs.dtype), mask)
-    with torch.no_grad():
-        preds_greedy, preds_sampled = rnet.forward_policies(inputs, [greedy, sampled],
-                                                            dynamic=dynamic)
-    reward_greedy, _ = reward(preds_greedy, targets, greedy, penalty)
-    reward_sampled, _ = reward(preds_sampled, targets, sampled, penalty)
-    adv = advantage(reward_sampled, reward_greedy)
-    loss = curriculum_loss(bprobs, sampled, adv, mask, beta)
-    return loss, reward_sampled, reward_greedy, sampled
-
-
 def bench_curriculum(name: str, batch: int, keep_fraction: float, repeats: int,
                      warmup: int, device: torch.device, seed: int = 0,
                      channels_last: bool = False) -> dict:
@@ -265,12 +240,13 @@ def bench_curriculum(name: str, batch: int, keep_fraction: float, repeats: int,
     usage = {}
 
     def step(dynamic: bool):
-        loss, _, _, sampled = curriculum_losses(rnet, agent, x, y, rnet.num_blocks, dynamic,
-                                                generator=gen)
+        noise = torch.rand(batch, rnet.num_blocks, generator=gen).to(device)
+        out = curriculum_train_step(rnet, agent, x, y, noise, alpha=0.8, beta=0.1,
+                                    penalty=-10.0, cl_step=rnet.num_blocks, dynamic=dynamic)
         optimizer.zero_grad()
-        loss.backward()
+        out.loss.backward()
         optimizer.step()
-        usage["sampled"] = float(sampled.sum(1).mean())
+        usage["sampled"] = float(out.policy.sum(1).mean())
 
     with torch.no_grad():
         usage["greedy"] = float(greedy_policy(agent(x)[0]).sum(1).mean())
@@ -286,7 +262,7 @@ def bench_curriculum(name: str, batch: int, keep_fraction: float, repeats: int,
 
 # -- command line ------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m utils.benchmark",
+    p = argparse.ArgumentParser(prog="python -m scripts.benchmark",
                                 description="BlockDrop execution-path benchmark")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_KEEP),
                    help="models of the inference part (default: %(default)s)")
