@@ -9,8 +9,8 @@ import torch
 from helpers import pk_layout, randomize_bn
 from legacy_writer import legacy_state_dict, save_pytorch03
 from models import get_model, get_spec
-from utils.checkpoint import (CheckpointError, default_base_path, load_base_resnet, load_blockdrop_checkpoint,
-                              read_checkpoint, save_checkpoint)
+from utils.checkpoint import (CheckpointError, default_base_path, load_base_resnet,
+                              load_blockdrop_checkpoint, read_checkpoint, save_checkpoint)
 
 
 def _same(a, b):
