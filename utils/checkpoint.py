@@ -261,3 +261,19 @@ def load_for_eval(spec, load: Optional[str], base_ckpt: Optional[str] = None,
         log(f"loaded {' and '.join(k for k in ('resnet', 'agent') if loaded[k])} "
             f"from {os.path.basename(load)}")
     return rnet, agent
+
+
+def agent_type_of(ckpt: Any) -> Optional[str]:
+    """The kind of agent a checkpoint holds: its ``agent_type`` record (``blockdrop``,
+    ``seq``), ``blockdrop`` for files without one (the authors'), None without an agent."""
+    if not isinstance(ckpt, Mapping) or not any(k in ckpt for k in ("agent", "net")):
+        return None
+    return str(ckpt.get("agent_type", "blockdrop"))
+
+
+def check_agent_type(ckpt: Any, path: str, expected: str, flag: str = "--agent") -> None:
+    """Refuse, in one line, a checkpoint whose agent is not of type ``expected``."""
+    found = agent_type_of(ckpt)
+    if found is not None and found != expected:
+        raise CheckpointError(f"{path} holds a {found!r} agent, not {expected!r} "
+                              f"(pass {flag} {found}, or a checkpoint of a {expected} agent)")

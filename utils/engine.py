@@ -12,7 +12,7 @@ import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import FlatResNet, PolicyNet
+from models import FlatResNet
+from models.sources import PolicySource, as_source
 from utils.checkpoint import CheckpointError, load_state_strict, save_checkpoint
 from utils.dist import DistInfo, all_true, gather_cat, gather_objects, unwrap
 from utils.flops import FlopTable
@@ -41,28 +42,28 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(rnet: FlatResNet, agent: PolicyNet, loader: Iterable, device: torch.device,
-             flops: Optional[FlopTable] = None, penalty: Optional[float] = None,
-             cl_step: Optional[int] = None, dynamic: bool = True, progress: bool = True,
-             desc: str = "test") -> EvalResult:
-    """Run the greedy policy over ``loader`` and collect the paper's statistics.
+def evaluate(rnet: FlatResNet, source: Union[PolicySource, nn.Module], loader: Iterable,
+             device: torch.device, flops: Optional[FlopTable] = None,
+             penalty: Optional[float] = None, cl_step: Optional[int] = None,
+             dynamic: bool = True, progress: bool = True, desc: str = "test") -> EvalResult:
+    """Run ``source``'s decisions over ``loader`` and collect the paper's statistics.
 
+    ``source``: a policy source (:mod:`models.sources`); a policy network is taken
+    as the ``blockdrop`` source (its FLOPs from ``flops``). Per-image FLOPs are the
+    ResNet's under the policy plus ``source.policy_flops`` (0 for a fixed policy).
     ``cl_step``: during curriculum learning only the last ``cl_step`` blocks are
     decided, the others kept. ``dynamic`` runs each block only on the images that
-    keep it (``forward_dynamic``); ``False`` uses the masked ``forward``.
+    keep it; ``False`` uses the masked ``forward``.
     """
+    source = as_source(source, flops.policy if flops is not None else 0)
     rnet.eval()
-    agent.eval()
+    source.eval()
     policies, matches, rewards = [], [], []
     for inputs, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        probs, _ = agent(inputs)
-        policy = greedy_policy(probs)
-        if cl_step is not None:
-            policy = apply_curriculum(
-                policy, curriculum_mask(len(inputs), policy.shape[1], cl_step, device))
-        preds = rnet.forward_dynamic(inputs, policy) if dynamic else rnet(inputs, policy)
+        keep_first = 0 if cl_step is None else max(0, rnet.num_blocks - cl_step)
+        preds, policy = source.run(rnet, inputs, dynamic=dynamic, keep_first=keep_first)
         match = (preds.argmax(1) == targets).float()
         if penalty is not None:
             rewards.append(reward(preds, targets, policy, penalty)[0].cpu())
@@ -71,7 +72,9 @@ def evaluate(rnet: FlatResNet, agent: PolicyNet, loader: Iterable, device: torch
     pol = torch.cat(policies)
     mat = torch.cat(matches)
     rew = torch.cat(rewards) if rewards else None
-    per_image = flops.per_image(pol).numpy() if flops is not None else None
+    per_image = None
+    if flops is not None:
+        per_image = (flops.per_image(pol, include_policy=False) + source.policy_flops).numpy()
     return EvalResult(pol, mat, rew, per_image, policy_stats(pol, mat, rew))
 
 
@@ -174,6 +177,45 @@ def finetune_train_step(rnet: nn.Module, agent: nn.Module, inputs: torch.Tensor,
     return StepOutput(loss, match, sampled, reward_sampled)
 
 
+def seq_train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                   noise: torch.Tensor, *, alpha: float, penalty: float,
+                   beta: Optional[float] = None, cl_step: Optional[int] = None,
+                   mode: str = "masked", world_size: int = 1, amp: str = "none") -> StepOutput:
+    """BlockDrop-seq (supplement): a greedy pass without gradient (the self-critical
+    baseline), then a pass whose decisions are sampled block by block, both through
+    ``net`` (a :class:`models.seq.SeqNet`, possibly DDP-wrapped). Eq. 3 rewards,
+    Eq. 6 advantage; ``beta`` given: the curriculum loss (the first ``K − cl_step``
+    blocks kept and masked out), else the joint-finetuning loss."""
+    num_blocks = noise.shape[1]
+    keep_first = 0 if cl_step is None or cl_step >= num_blocks else num_blocks - cl_step
+    with autocast(amp, inputs.device):
+        with torch.no_grad():
+            greedy = net(inputs, None, alpha, keep_first, mode)
+        sampled = net(inputs, noise, alpha, keep_first, mode)
+    reward_greedy, _ = reward(greedy.logits.float(), targets, greedy.policy, penalty)
+    reward_sampled, match = reward(sampled.logits.float(), targets, sampled.policy, penalty)
+    adv = advantage(reward_sampled, reward_greedy)
+    bprobs = bounded_probs(sampled.probs.float(), alpha)
+    if beta is None:
+        loss = finetune_loss(bprobs, sampled.policy, adv, sampled.logits.float(), targets,
+                             sum_scale=world_size)
+    else:
+        mask = curriculum_mask(len(inputs), num_blocks, num_blocks - keep_first, inputs.device)
+        loss = curriculum_loss(bprobs, sampled.policy, adv, mask, beta)
+    return StepOutput(loss, match, sampled.policy, reward_sampled)
+
+
+def fixed_policy_train_step(rnet: nn.Module, vector: torch.Tensor, inputs: torch.Tensor,
+                            targets: torch.Tensor, amp: str = "none") -> StepOutput:
+    """Finetuning the ResNet alone under a fixed policy (Table 1's "ft"): cross-entropy
+    of the masked forward with the same (K,) keep vector for every image."""
+    policy = vector.to(inputs.device).expand(inputs.shape[0], -1)
+    with autocast(amp, inputs.device):
+        preds = rnet(inputs, policy)
+    loss = F.cross_entropy(preds.float(), targets)
+    return StepOutput(loss, (preds.argmax(1) == targets).float())
+
+
 def classifier_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                           amp: str = "none") -> StepOutput:
     """Plain cross-entropy training of a base ResNet (every block kept)."""
@@ -222,11 +264,14 @@ def train_epoch(step: StepFn, loader: Iterable, optimizer: torch.optim.Optimizer
     return _summary(matches, losses, policies, rewards)
 
 
-def evaluate_policy(rnet: FlatResNet, agent: PolicyNet, loader: Iterable, device: torch.device,
-                    penalty: float, cl_step: Optional[int] = None, dynamic: bool = True,
-                    progress: bool = True) -> Dict[str, float]:
-    """Greedy-policy test statistics, gathered over processes that each hold a shard."""
-    result = evaluate(unwrap(rnet), unwrap(agent), loader, device, penalty=penalty,
+def evaluate_policy(rnet: FlatResNet, source: Union[PolicySource, nn.Module], loader: Iterable,
+                    device: torch.device, penalty: float, cl_step: Optional[int] = None,
+                    dynamic: bool = True, progress: bool = True) -> Dict[str, float]:
+    """Test statistics of ``source`` (a policy source or a policy network), gathered
+    over processes that each hold a shard."""
+    if isinstance(source, nn.Module):
+        source = unwrap(source)
+    result = evaluate(unwrap(rnet), source, loader, device, penalty=penalty,
                       cl_step=cl_step, dynamic=dynamic, progress=progress)
     stats = policy_stats(gather_cat(result.policies), gather_cat(result.matches),
                          gather_cat(result.rewards))
