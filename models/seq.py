@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from utils.rewards import bounded_probs
 
+from .dynamic import chunk_size, gather, write_rows
 from .resnet import FlatResNet
 from .sources import PolicySource
 
@@ -136,16 +137,11 @@ def seq_pass(rnet: FlatResNet, agent: SeqAgent, x: torch.Tensor,
     return SeqOutput(rnet.head(h), torch.stack(probs, 1), torch.stack(decisions, 1))
 
 
-def _kept(rnet: FlatResNet, t: int, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """A kept block (SPEC section 2): relu(residual + F(h))."""
-    return F.relu(residual + rnet.block(t)(h))
-
-
 def _masked_block(rnet: FlatResNet, t: int, h: torch.Tensor, residual: torch.Tensor,
                   keep: torch.Tensor) -> torch.Tensor:
     """Every image runs the block; the decision selects output or residual."""
     m = keep.to(h.dtype).view(-1, 1, 1, 1)
-    return _kept(rnet, t, h, residual) * m + residual * (1 - m)
+    return rnet.run_block(t, h, residual) * m + residual * (1 - m)
 
 
 def _grouped_block(rnet: FlatResNet, t: int, h: torch.Tensor, residual: torch.Tensor,
@@ -156,10 +152,10 @@ def _grouped_block(rnet: FlatResNet, t: int, h: torch.Tensor, residual: torch.Te
     if n == 0:
         return residual
     if n == h.shape[0]:
-        return _kept(rnet, t, h, residual)
-    res = residual.index_select(0, rows)
-    out = _kept(rnet, t, h.index_select(0, rows), res)
-    return residual.index_copy(0, rows, out)
+        return rnet.run_block(t, h, residual)
+    hs = gather(h, rows)
+    res = hs if residual is h else gather(residual, rows)
+    return write_rows(residual, rows, rnet.run_block(t, hs, res))
 
 
 class SeqSource(PolicySource):
@@ -183,7 +179,7 @@ class SeqSource(PolicySource):
         mode = "masked"
         if dynamic:
             mode = "grouped" if x.shape[0] == 1 else self.batch_mode
-        size = rnet.chunk_size(x)
+        size = chunk_size(rnet, x)
         outs = [seq_pass(rnet, self.agent, x[i:i + size], keep_first=keep_first, mode=mode)
                 for i in range(0, x.shape[0], size)] if x.shape[0] else \
             [seq_pass(rnet, self.agent, x, keep_first=keep_first, mode=mode)]
