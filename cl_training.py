@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -60,7 +60,7 @@ def cl_step_at(flag: int, epoch: int, num_blocks: int) -> int:
 
 
 def load_models(args: argparse.Namespace, spec: ModelSpec,
-                resuming: bool) -> Tuple[FlatResNet, PolicyNet, int]:
+                resuming: bool) -> tuple[FlatResNet, PolicyNet, int]:
     """Base ResNet (frozen) and policy; ``--load`` restores an agent. Returns the start epoch."""
     rnet, agent = build_resnet(spec), build_policy(spec)
     load_default_base(rnet, spec, args.base_ckpt)
@@ -113,7 +113,7 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, age
                  named_checkpoint, lambda e: {"cl_step": cl_step_at(args.cl_step, e, K)})
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args, state = parse(parser, argv)
     ctx = start(args)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -59,7 +59,7 @@ def load_pretrained_policy(agent: torch.nn.Module, path: str, name: str) -> None
 
 
 def load_models(args: argparse.Namespace, spec: ModelSpec,
-                resuming: bool) -> Tuple[FlatResNet, PolicyNet, int]:
+                resuming: bool) -> tuple[FlatResNet, PolicyNet, int]:
     """ResNet and policy as the authors' finetune.py set them up; returns the start epoch."""
     rnet, agent = build_resnet(spec), build_policy(spec)
     if resuming:  # last.t7 holds both networks
@@ -112,7 +112,7 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, age
                  named_checkpoint)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args, state = parse(parser, argv)
     ctx = start(args)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -78,7 +78,7 @@ def fill_recipe(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check(args: argparse.Namespace) -> List[str]:
+def check(args: argparse.Namespace) -> list[str]:
     """Problems with the pretraining options (empty if none)."""
     problems = [] if args.epochs >= 1 else [f"--epochs must be >= 1, got {args.epochs}"]
     if any(m < 1 for m in args.milestones):
@@ -109,7 +109,7 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, mod
         named_checkpoint)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args, state = parse(parser, argv, check, finalize=fill_recipe)
     ctx = start(args)

@@ -1,6 +1,7 @@
 """Evaluate a BlockDrop model: accuracy, block usage, FLOPs and unique policies.
 
-    python test.py --model R110_C10 --load cv/finetuned/R110_C10_gamma_10/ckpt_E_2000_A_0.936_R_1.95E-01_S_16.93_#_469.t7
+    python test.py --model R110_C10 \
+        --load cv/finetuned/R110_C10_gamma_10/ckpt_E_2000_A_0.936_R_1.95E-01_S_16.93_#_469.t7
 
 prints the block of the authors' test.py (SPEC section 5). Evaluation is
 batched: each block runs only on the images whose greedy policy keeps it, and
@@ -22,8 +23,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,10 +103,10 @@ class Setup:
 
     rnet: FlatResNet
     source: PolicySource
-    base_ckpt: Optional[str]  # the base ResNet file used, None when --load held the ResNet
+    base_ckpt: str | None  # the base ResNet file used, None when --load held the ResNet
 
 
-def choose_policy(args: argparse.Namespace, ckpt: Any) -> Dict[str, Any]:
+def choose_policy(args: argparse.Namespace, ckpt: Any) -> dict[str, Any]:
     """``{name, k, seed}``: the flags, else what the checkpoint records, else blockdrop."""
     recorded = ckpt.get("fixed_policy") if isinstance(ckpt, dict) else None
     if args.policy is None and isinstance(recorded, dict):
@@ -115,7 +117,7 @@ def choose_policy(args: argparse.Namespace, ckpt: Any) -> Dict[str, Any]:
 
 
 def load_resnet(spec: ModelSpec, ckpt: Any, args: argparse.Namespace,
-                log: Callable[[str], None]) -> "tuple[FlatResNet, Optional[str]]":
+                log: Callable[[str], None]) -> tuple[FlatResNet, str | None]:
     """The ResNet of ``--load`` if it holds one, else the pretrained base network."""
     rnet = build_resnet(spec)
     if isinstance(ckpt, dict) and "resnet" in ckpt:
@@ -127,7 +129,7 @@ def load_resnet(spec: ModelSpec, ckpt: Any, args: argparse.Namespace,
     return rnet, base
 
 
-def auto_k(spec: ModelSpec, ckpt: Any, path: Optional[str], loader: DataLoader,
+def auto_k(spec: ModelSpec, ckpt: Any, path: str | None, loader: DataLoader,
            device: torch.device, log: Callable[[str], None]) -> int:
     """``--k auto``: the BlockDrop agent's mean greedy block usage on the test set, rounded up."""
     if agent_type_of(ckpt) != "blockdrop":
@@ -182,7 +184,7 @@ def setup_learned(spec, ckpt, name: str, args, log) -> Setup:
 
 
 def statistics(args: argparse.Namespace, spec: ModelSpec, setup: Setup, result,
-               device: torch.device) -> Dict[str, Any]:
+               device: torch.device) -> dict[str, Any]:
     """The ``--out`` JSON: the printed numbers, unrounded, and what produced them."""
     flops = np.asarray(result.flops, dtype=np.float64)
     stats = result.stats
@@ -197,7 +199,7 @@ def statistics(args: argparse.Namespace, spec: ModelSpec, setup: Setup, result,
     }
 
 
-def write_json(obj: Dict[str, Any], path: str) -> None:
+def write_json(obj: dict[str, Any], path: str) -> None:
     """Write ``obj`` to ``path`` through a temporary file and a rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

@@ -2,8 +2,6 @@
 registry of model specs."""
 from __future__ import annotations
 
-from typing import Tuple
-
 from .dynamic import check_policy
 from .policy import PolicyNet
 from .resnet import FlatResNet
@@ -24,7 +22,7 @@ def build_policy(spec: ModelSpec) -> PolicyNet:
     return PolicyNet(features, spec.num_blocks, spec.policy.input_pool)
 
 
-def get_model(name: str) -> Tuple[FlatResNet, PolicyNet]:
+def get_model(name: str) -> tuple[FlatResNet, PolicyNet]:
     """``(rnet, agent)`` for a model name such as ``"R110_C10"``; no weights are loaded."""
     spec = get_spec(name)
     return build_resnet(spec), build_policy(spec)

@@ -22,7 +22,8 @@ give the same result in eval mode (BatchNorm uses running statistics):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,7 +35,7 @@ GROUP_MAX = 4
 
 
 # -- chunking ----------------------------------------------------------------
-def chunk_size(rnet: "FlatResNet", x: torch.Tensor, rows_per_image: float = 1.0) -> int:
+def chunk_size(rnet: FlatResNet, x: torch.Tensor, rows_per_image: float = 1.0) -> int:
     """Images per chunk for ``x``: the whole batch unless on CPU in eval mode.
     ``rows_per_image``: activation rows a block works on per image (several
     policies: one per policy; dynamic execution: the share that keeps a block)."""
@@ -46,8 +47,8 @@ def chunk_size(rnet: "FlatResNet", x: torch.Tensor, rows_per_image: float = 1.0)
     return max(1, min(batch, int(rnet.cpu_chunk_bytes // per_image)))
 
 
-def in_chunks(rnet: "FlatResNet", fn: Callable, x: torch.Tensor,
-              rows: Optional[torch.Tensor] = None, rows_per_image: float = 1.0) -> torch.Tensor:
+def in_chunks(rnet: FlatResNet, fn: Callable, x: torch.Tensor,
+              rows: torch.Tensor | None = None, rows_per_image: float = 1.0) -> torch.Tensor:
     """``fn(x, rows)`` on chunks of ``chunk_size(rnet, x, rows_per_image)`` images (rows
     split alike), concatenated."""
     size = chunk_size(rnet, x, rows_per_image)
@@ -58,7 +59,7 @@ def in_chunks(rnet: "FlatResNet", fn: Callable, x: torch.Tensor,
 
 
 # -- per-image execution -------------------------------------------------------
-def forward_dynamic(rnet: "FlatResNet", x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+def forward_dynamic(rnet: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     """Logits of ``x`` where each block runs only on the images whose (B, K) 0/1
     ``policy`` keeps it; equal to the masked ``rnet(x, policy)`` in eval mode."""
     keep = policy_on_host(policy, x.shape[0], rnet.num_blocks)
@@ -67,7 +68,7 @@ def forward_dynamic(rnet: "FlatResNet", x: torch.Tensor, policy: torch.Tensor) -
     return in_chunks(rnet, lambda xs, ks: _dynamic_pass(rnet, xs, ks), x, keep, max(usage, 0.25))
 
 
-def _dynamic_pass(rnet: "FlatResNet", x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _dynamic_pass(rnet: FlatResNet, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     groups = policy_groups(keep, GROUP_MAX)
     if groups is None:
         return rnet.head(run_blocks(rnet, rnet.stem(x), keep, 0, rnet.num_blocks))
@@ -83,8 +84,8 @@ def _dynamic_pass(rnet: "FlatResNet", x: torch.Tensor, keep: torch.Tensor) -> to
     return out
 
 
-def forward_policies(rnet: "FlatResNet", x: torch.Tensor, policies: Sequence[torch.Tensor],
-                     dynamic: bool = True) -> List[torch.Tensor]:
+def forward_policies(rnet: FlatResNet, x: torch.Tensor, policies: Sequence[torch.Tensor],
+                     dynamic: bool = True) -> list[torch.Tensor]:
     """Logits (one (B, classes) tensor per policy) of the same images under several
     policies. ``dynamic=False`` runs the masked ``rnet(x, p)`` once per policy (the
     authors' way); ``dynamic=True`` one shared pass (module docstring)."""
@@ -98,7 +99,7 @@ def forward_policies(rnet: "FlatResNet", x: torch.Tensor, policies: Sequence[tor
     return list(logits.unbind(1))
 
 
-def _policies_pass(rnet: "FlatResNet", x: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
+def _policies_pass(rnet: FlatResNet, x: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
     """Logits (B, P, classes) of ``x`` under the (B, P, K) bool CPU policies ``keeps``."""
     batch, count = keeps.shape[:2]
     num_blocks = rnet.num_blocks
@@ -115,7 +116,7 @@ def _policies_pass(rnet: "FlatResNet", x: torch.Tensor, keeps: torch.Tensor) -> 
     return rnet.head(h).index_select(0, inverse.to(h.device)).view(batch, count, -1)
 
 
-def run_blocks(rnet: "FlatResNet", x: torch.Tensor, keep: torch.Tensor, start: int,
+def run_blocks(rnet: FlatResNet, x: torch.Tensor, keep: torch.Tensor, start: int,
                stop: int) -> torch.Tensor:
     """Blocks ``start..stop-1`` on features ``x``; ``keep`` is a (B, K) bool CPU tensor
     of the rows of ``x``. Each block runs on the gathered rows that keep it."""
@@ -168,7 +169,7 @@ def policy_on_host(policy: torch.Tensor, batch: int, num_blocks: int) -> torch.T
 
 
 def policy_groups(keep: torch.Tensor,
-                  max_groups: int) -> Optional[List[Tuple[List[bool], torch.Tensor]]]:
+                  max_groups: int) -> list[tuple[list[bool], torch.Tensor]] | None:
     """``[(keep flags, row indices)]`` per distinct policy of ``keep`` (B, K), or None
     when there are more than ``max_groups`` distinct policies."""
     if keep.shape[0] == 0:
@@ -182,7 +183,7 @@ def policy_groups(keep: torch.Tensor,
         return None
     order = torch.argsort(inverse, stable=True)
     counts = torch.bincount(inverse, minlength=vectors.shape[0]).tolist()
-    return [(v.tolist(), rows) for v, rows in zip(vectors, order.split(counts))]
+    return [(v.tolist(), rows) for v, rows in zip(vectors, order.split(counts), strict=True)]
 
 
 def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ that every released checkpoint carries (it is not used by the loss).
 """
 from __future__ import annotations
 
-from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -29,7 +28,7 @@ class PolicyNet(nn.Module):
         self.logit = nn.Linear(features.feature_dim, num_blocks)
         self.vnet = nn.Linear(features.feature_dim, 1)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(probs, value)``: keep-probabilities (B, K) and values (B, 1)."""
         if self.input_pool > 1:
             x = F.avg_pool2d(x, self.input_pool)

@@ -18,7 +18,7 @@ grouping, CPU chunking) lives in :mod:`models.dynamic`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -91,7 +91,7 @@ def conv_bn_shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
 
 
 BLOCK_TYPES = {"basic": BasicBlock, "bottleneck": Bottleneck}
-SHORTCUT_TYPES: Dict[str, Callable[[int, int, int], nn.Module]] = {
+SHORTCUT_TYPES: dict[str, Callable[[int, int, int], nn.Module]] = {
     "zero_pad": ZeroPadShortcut, "conv": conv_bn_shortcut}
 
 
@@ -107,10 +107,10 @@ class FlatResNet(nn.Module):
     # takes at most this many bytes (models.dynamic.chunk_size); 0 turns it off.
     cpu_chunk_bytes = 4 << 20
 
-    def __init__(self, spec: NetSpec, num_classes: Optional[int]):
+    def __init__(self, spec: NetSpec, num_classes: int | None):
         super().__init__()
         self.spec = spec
-        self.layers: Tuple[int, ...] = tuple(spec.layers)
+        self.layers: tuple[int, ...] = tuple(spec.layers)
         block_cls = BLOCK_TYPES[spec.block]
         stem = spec.stem
         self.conv1 = nn.Conv2d(3, stem.channels, kernel_size=stem.kernel, stride=stem.stride,
@@ -118,7 +118,7 @@ class FlatResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(stem.channels)
         self.inplanes = stem.channels
         blocks, shortcuts = [], []
-        for planes, count, stride in zip(spec.widths, self.layers, spec.strides):
+        for planes, count, stride in zip(spec.widths, self.layers, spec.strides, strict=True):
             stage, shortcut = self._make_stage(block_cls, planes, count, stride)
             blocks.append(nn.ModuleList(stage))
             shortcuts.append(shortcut)
@@ -128,7 +128,7 @@ class FlatResNet(nn.Module):
         self.feature_dim = spec.feature_dim
         self.fc = nn.Linear(self.feature_dim, num_classes) if num_classes else None
         # (stage, block) of every flat block index t
-        self.block_index: List[Tuple[int, int]] = [
+        self.block_index: list[tuple[int, int]] = [
             (s, b) for s, count in enumerate(self.layers) for b in range(count)]
         self._init_weights()
 
@@ -183,7 +183,8 @@ class FlatResNet(nn.Module):
         return out.add_(residual).relu_()
 
     def run_chain(self, x: torch.Tensor, keep: Sequence[bool]) -> torch.Tensor:
-        """Stem, the blocks flagged in ``keep`` (one flag per block) and head, for the whole batch."""
+        """Stem, the blocks flagged in ``keep`` (one flag per block) and head, for the whole
+        batch."""
         x = self.stem(x)
         for t in range(self.num_blocks):
             residual = self.residual(t, x)
@@ -206,7 +207,7 @@ class FlatResNet(nn.Module):
         return self.head(x)
 
     # -- forward paths (SPEC section 7); execution in models.dynamic ----------
-    def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
         """Masked execution (the authors' training path); ``policy=None`` runs the full
         network (every block kept)."""
         if policy is None:
@@ -233,7 +234,7 @@ class FlatResNet(nn.Module):
         return dyn.forward_dynamic(self, x, policy)
 
     def forward_policies(self, x: torch.Tensor, policies: Sequence[torch.Tensor],
-                         dynamic: bool = True) -> List[torch.Tensor]:
+                         dynamic: bool = True) -> list[torch.Tensor]:
         """Logits of the same images under several policies, one (B, classes) tensor
         each; ``dynamic=False`` runs the masked ``forward`` once per policy (see
         :func:`models.dynamic.forward_policies`)."""

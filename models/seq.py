@@ -22,8 +22,8 @@ synchronisation per block. At batch 1 ``grouped`` really skips the block.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -50,7 +50,7 @@ class SeqAgent(nn.Module):
 
     def __init__(self, in_channels: Sequence[int]):
         super().__init__()
-        self.in_channels: Tuple[int, ...] = tuple(in_channels)
+        self.in_channels: tuple[int, ...] = tuple(in_channels)
         self.gates = nn.ModuleList(nn.Linear(c, 2) for c in self.in_channels)
 
     @property
@@ -77,13 +77,13 @@ class SeqNet(nn.Module):
         self.rnet = rnet
         self.agent = agent
 
-    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None, alpha: float = 0.8,
-                keep_first: int = 0, mode: str = "masked") -> "SeqOutput":
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, alpha: float = 0.8,
+                keep_first: int = 0, mode: str = "masked") -> SeqOutput:
         """:func:`seq_pass` of the held ResNet and gates."""
         return seq_pass(self.rnet, self.agent, x, noise, alpha, keep_first, mode)
 
 
-def block_in_channels(rnet: FlatResNet) -> List[int]:
+def block_in_channels(rnet: FlatResNet) -> list[int]:
     """The input channels of each residual block of ``rnet``, in flat order."""
     return [rnet.block(t).conv1.in_channels for t in range(rnet.num_blocks)]
 
@@ -105,7 +105,7 @@ class SeqOutput:
 
 
 def seq_pass(rnet: FlatResNet, agent: SeqAgent, x: torch.Tensor,
-             noise: Optional[torch.Tensor] = None, alpha: float = 0.8, keep_first: int = 0,
+             noise: torch.Tensor | None = None, alpha: float = 0.8, keep_first: int = 0,
              mode: str = "masked") -> SeqOutput:
     """The interleaved pass: gate, then block or skip, block after block.
 
@@ -173,7 +173,7 @@ class SeqSource(PolicySource):
         raise TypeError("BlockDrop-seq decides while the ResNet runs; use run(rnet, x)")
 
     def run(self, rnet: FlatResNet, x: torch.Tensor, dynamic: bool = True,
-            keep_first: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+            keep_first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decisions. ``dynamic``: batch 1 skips for real, larger batches run
         ``batch_mode``; ``False`` runs masked."""
         mode = "masked"

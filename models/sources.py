@@ -19,7 +19,7 @@ registered in :data:`FIXED_RULES`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,19 +35,19 @@ class PolicySourceError(UserError, ValueError):
 
 
 # -- the fixed heuristics of Table 1 ---------------------------------------------
-def firstk_blocks(layers: Sequence[int], k: int, seed: int = 0) -> List[int]:
+def firstk_blocks(layers: Sequence[int], k: int, seed: int = 0) -> list[int]:
     """FirstK: keep blocks 0..K-1 (the first K in forward order)."""
     return list(range(k))
 
 
-def randomk_blocks(layers: Sequence[int], k: int, seed: int = 0) -> List[int]:
+def randomk_blocks(layers: Sequence[int], k: int, seed: int = 0) -> list[int]:
     """RandomK: K distinct blocks drawn once, uniformly, by ``torch.randperm`` on a
     generator seeded with ``seed``; every image keeps the same set."""
     generator = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(sum(layers), generator=generator)[:k].tolist())
 
 
-def stage_quotas(layers: Sequence[int], k: int) -> List[int]:
+def stage_quotas(layers: Sequence[int], k: int) -> list[int]:
     """How many of K blocks each stage keeps under DistributeK: one block at a time
     to the stages in order (first, second, ..., last, first, ...), skipping a stage
     once all its blocks are kept. Equal stages thus get floor(K/S) or ceil(K/S)
@@ -60,7 +60,7 @@ def stage_quotas(layers: Sequence[int], k: int) -> List[int]:
     return quotas
 
 
-def distributek_blocks(layers: Sequence[int], k: int, seed: int = 0) -> List[int]:
+def distributek_blocks(layers: Sequence[int], k: int, seed: int = 0) -> list[int]:
     """DistributeK: K blocks spread as evenly as possible over the stages, then
     evenly inside each stage.
 
@@ -71,13 +71,13 @@ def distributek_blocks(layers: Sequence[int], k: int, seed: int = 0) -> List[int
     6,6,5; stage blocks 0,3,6,9,12,15 | 0,3,6,9,12,15 | 0,3,7,10,14.
     """
     kept, offset = [], 0
-    for count, m in zip(layers, stage_quotas(layers, k)):
+    for count, m in zip(layers, stage_quotas(layers, k), strict=True):
         kept += [offset + (j * count) // m for j in range(m)]
         offset += count
     return kept
 
 
-FIXED_RULES: Dict[str, Callable[[Sequence[int], int, int], List[int]]] = {
+FIXED_RULES: dict[str, Callable[[Sequence[int], int, int], list[int]]] = {
     "firstk": firstk_blocks,
     "randomk": randomk_blocks,
     "distributek": distributek_blocks,
@@ -108,27 +108,27 @@ class PolicySource:
     (``__call__``); every source can ``run`` the ResNet under its decisions."""
 
     name: str
-    k: Optional[int] = None  # blocks kept by a fixed policy; None for learned ones
+    k: int | None = None  # blocks kept by a fixed policy; None for learned ones
     policy_flops: int = 0  # per image
     one_shot: bool = True
-    agent: Optional[nn.Module] = None  # the network that decides, if any
+    agent: nn.Module | None = None  # the network that decides, if any
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def eval(self) -> "PolicySource":
+    def eval(self) -> PolicySource:
         """Put the source's network, if any, in eval mode."""
         if self.agent is not None:
             self.agent.eval()
         return self
 
-    def to(self, device: torch.device) -> "PolicySource":
+    def to(self, device: torch.device) -> PolicySource:
         if self.agent is not None:
             self.agent.to(device)
         return self
 
     def run(self, rnet: FlatResNet, x: torch.Tensor, dynamic: bool = True,
-            keep_first: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+            keep_first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, policy)`` of ``rnet`` on ``x`` under this source's decisions.
 
         ``dynamic`` runs each block only for the images that keep it; ``False`` runs
@@ -156,7 +156,7 @@ class FixedSource(PolicySource):
         return self.vector.to(x.device).expand(x.shape[0], -1).clone()
 
     def run(self, rnet: FlatResNet, x: torch.Tensor, dynamic: bool = True,
-            keep_first: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+            keep_first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if not dynamic or keep_first:
             return super().run(rnet, x, dynamic, keep_first)
         return rnet.forward_single(x, self.vector), self(x)
@@ -177,7 +177,7 @@ class AgentSource(PolicySource):
 
 
 # -- the registry ----------------------------------------------------------------
-def _blockdrop(spec, agent: Optional[nn.Module], k: Optional[int], seed: int) -> PolicySource:
+def _blockdrop(spec, agent: nn.Module | None, k: int | None, seed: int) -> PolicySource:
     from models.seq import SeqAgent  # seq imports this module
 
     if agent is None:
@@ -191,7 +191,7 @@ def _blockdrop(spec, agent: Optional[nn.Module], k: Optional[int], seed: int) ->
     return AgentSource(agent, flop_table(spec.name).policy)
 
 
-def _seq(spec, agent: Optional[nn.Module], k: Optional[int], seed: int) -> PolicySource:
+def _seq(spec, agent: nn.Module | None, k: int | None, seed: int) -> PolicySource:
     from models.seq import SeqAgent, SeqSource
 
     if not isinstance(agent, SeqAgent):
@@ -201,23 +201,23 @@ def _seq(spec, agent: Optional[nn.Module], k: Optional[int], seed: int) -> Polic
 
 
 def _fixed(name: str):
-    def build(spec, agent: Optional[nn.Module], k: Optional[int], seed: int) -> PolicySource:
+    def build(spec, agent: nn.Module | None, k: int | None, seed: int) -> PolicySource:
         check_k(k, spec.num_blocks, spec.name)
         return FixedSource(name, fixed_vector(name, spec.layers, k, seed), seed)
     build.__doc__ = f"The fixed {name} source (Table 1)."
     return build
 
 
-BUILDERS: Dict[str, Callable[..., PolicySource]] = {
+BUILDERS: dict[str, Callable[..., PolicySource]] = {
     "blockdrop": _blockdrop,
     **{name: _fixed(name) for name in FIXED_RULES},
     "seq": _seq,
 }
-SOURCE_NAMES: Tuple[str, ...] = tuple(BUILDERS)
+SOURCE_NAMES: tuple[str, ...] = tuple(BUILDERS)
 
 
-def build_source(name: str, spec, *, agent: Optional[nn.Module] = None,
-                 k: Optional[int] = None, seed: int = 0) -> PolicySource:
+def build_source(name: str, spec, *, agent: nn.Module | None = None,
+                 k: int | None = None, seed: int = 0) -> PolicySource:
     """The policy source ``name`` for the model ``spec``.
 
     ``agent``: the policy network (``blockdrop``) or BlockDrop-seq gates (``seq``);
@@ -248,7 +248,7 @@ def ceil_usage(mean_usage: float) -> int:
 
 
 # -- agent types (what a checkpoint's 'agent' entry holds) -------------------------
-AGENT_TYPES: Tuple[str, ...] = ("blockdrop", "seq")
+AGENT_TYPES: tuple[str, ...] = ("blockdrop", "seq")
 
 
 def build_agent(spec, agent_type: str = "blockdrop") -> nn.Module:

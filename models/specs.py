@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
 
 CIFAR10_MEAN = tuple(x / 255.0 for x in (125.3, 123.0, 113.9))
 CIFAR10_STD = tuple(x / 255.0 for x in (63.0, 62.1, 66.7))
@@ -42,9 +41,9 @@ class NetSpec:
     """
 
     stem: StemSpec
-    widths: Tuple[int, ...]  # planes of each stage (output width / block expansion)
-    strides: Tuple[int, ...]
-    layers: Tuple[int, ...]  # residual blocks per stage
+    widths: tuple[int, ...]  # planes of each stage (output width / block expansion)
+    strides: tuple[int, ...]
+    layers: tuple[int, ...]  # residual blocks per stage
     block: str
     shortcut: str
     final_pool: int
@@ -74,7 +73,7 @@ class NetSpec:
         widest = self.stem.channels * h * w
         if self.stem.maxpool:
             h, w = math.ceil(h / 2), math.ceil(w / 2)
-        for planes, stride in zip(self.widths, self.strides):
+        for planes, stride in zip(self.widths, self.strides, strict=True):
             if self.expansion > 1:  # a bottleneck's first 1x1 conv keeps the input resolution
                 widest = max(widest, planes * h * w)
             h, w = math.ceil(h / stride), math.ceil(w / stride)
@@ -91,7 +90,7 @@ class PolicySpec:
 
     net: NetSpec
     input_pool: int = 1
-    torchvision_init: Optional[str] = None
+    torchvision_init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,10 +106,10 @@ class DataSpec:
 
     source: str
     image_size: int
-    resize: Optional[int] = None
+    resize: int | None = None
     crop_padding: int = 0
-    mean: Optional[Tuple[float, float, float]] = None
-    std: Optional[Tuple[float, float, float]] = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,10 +120,10 @@ class PretrainRecipe:
 
     batch_size: int
     epochs: int
-    decay_fractions: Tuple[Tuple[int, int], ...] = ()
+    decay_fractions: tuple[tuple[int, int], ...] = ()
     decay_every: int = 0
 
-    def milestones(self, epochs: int) -> List[int]:
+    def milestones(self, epochs: int) -> list[int]:
         """The decay epochs for a run of ``epochs`` (a repeated one decays twice)."""
         at = [epochs * n // d for n, d in self.decay_fractions]
         if self.decay_every > 0:
@@ -145,7 +144,7 @@ class ModelSpec:
     # default path of the pretrained base ResNet; a glob pattern picks the newest match
     base_checkpoint: str
     # the torchvision ResNet whose state dict fits the base network (--init_torchvision)
-    torchvision_base: Optional[str] = None
+    torchvision_base: str | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -153,7 +152,7 @@ class ModelSpec:
         return self.resnet.num_blocks
 
     @property
-    def layers(self) -> Tuple[int, ...]:
+    def layers(self) -> tuple[int, ...]:
         return self.resnet.layers
 
     @property
@@ -161,11 +160,11 @@ class ModelSpec:
         return self.data.image_size
 
     @property
-    def mean(self) -> Optional[Tuple[float, float, float]]:
+    def mean(self) -> tuple[float, float, float] | None:
         return self.data.mean
 
     @property
-    def std(self) -> Optional[Tuple[float, float, float]]:
+    def std(self) -> tuple[float, float, float] | None:
         return self.data.std
 
 
@@ -194,7 +193,7 @@ def _cifar(name: str, per_stage: int, classes: int, ckpt: str,
                      pretrain=CIFAR_RECIPE, base_checkpoint=ckpt)
 
 
-def _imagenet(name: str, layers: Tuple[int, ...], ckpt: str, torchvision: str) -> ModelSpec:
+def _imagenet(name: str, layers: tuple[int, ...], ckpt: str, torchvision: str) -> ModelSpec:
     return ModelSpec(name=name, resnet=replace(IMAGENET_NET, layers=layers), num_classes=1000,
                      policy=IMAGENET_POLICY, data=IMAGENET_DATA, pretrain=IMAGENET_RECIPE,
                      base_checkpoint=ckpt, torchvision_base=torchvision)

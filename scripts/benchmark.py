@@ -35,7 +35,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -106,8 +106,8 @@ class Clock:
         return time.perf_counter() - start
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     clock: Clock, min_time: float = 0.0) -> Dict[str, float]:
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                     clock: Clock, min_time: float = 0.0) -> dict[str, float]:
     """Median seconds per call of each function, the calls interleaved (the order
     rotates every round so that none always follows the same neighbour). A timed
     sample repeats a call that took less than ``min_time`` in warm-up enough times
@@ -119,12 +119,12 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup:
             took = clock(fns[name])
             if w == warmup - 1 and took < min_time:
                 inner[name] = max(1, round(min_time / max(took, 1e-6)))
-    times: Dict[str, List[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             fn, n = fns[name], inner[name]
-            times[name].append(clock(lambda: [fn() for _ in range(n)]) / n)
+            times[name].append(clock(lambda fn=fn, n=n: [fn() for _ in range(n)]) / n)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -261,7 +261,7 @@ def bench_curriculum(name: str, batch: int, keep_fraction: float, repeats: int,
 
 
 # -- command line ------------------------------------------------------------
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.benchmark",
                                 description="BlockDrop execution-path benchmark")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_KEEP),
@@ -375,7 +375,7 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def format_inference(rows: List[dict]) -> str:
+def format_inference(rows: list[dict]) -> str:
     head = ("model        batch keep  | ms/image: full  masked  single dynamic | speedup: "
             "masked single dynamic | FLOP bound")
     lines = [head, "-" * len(head)]
@@ -388,7 +388,7 @@ def format_inference(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -92,7 +92,7 @@ def save_pytorch03(obj, path: str, location: str = "cuda:0") -> None:
         f.write(buf.getvalue())
 
 
-def legacy_state_dict(module: torch.nn.Module, prefix: str = "") -> "OrderedDict[str, torch.Tensor]":
+def legacy_state_dict(module: torch.nn.Module, prefix: str = "") -> OrderedDict[str, torch.Tensor]:
     """A module's state dict as PyTorch 0.3 had it: no ``num_batches_tracked``."""
     return OrderedDict((prefix + k, v.clone()) for k, v in module.state_dict().items()
                        if not k.endswith("num_batches_tracked"))

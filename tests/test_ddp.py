@@ -147,7 +147,7 @@ def test_two_processes_match_one(stage, tiny_runs):
     m1 = _metrics(out / "world1" / "metrics.jsonl")
     m2 = _metrics(out / "world2" / "metrics.jsonl")
     assert len(m1) == len(m2) == 2
-    for a, b in zip(m1, m2):
+    for a, b in zip(m1, m2, strict=True):
         for part in ("train", "test"):
             assert a[part]["unique_policies"] == b[part]["unique_policies"]
             for key in ("accuracy", "reward", "block_usage", "block_usage_std"):

@@ -26,8 +26,12 @@ def test_hard_images_have_less_contrast():
     easy = np.stack([demo_data.draw(k % 10, False, rng) for k in range(40)]).astype(float)
     hard = np.stack([demo_data.draw(k % 10, True, rng) for k in range(40)]).astype(float)
     # far more pixel-to-pixel noise, while clean images keep their full-colour shapes
-    noise = lambda imgs: np.mean(np.abs(np.diff(imgs, axis=2)))
-    spread = lambda imgs: np.mean([np.percentile(i, 99) - np.percentile(i, 1) for i in imgs])
+    def noise(imgs):
+        return np.mean(np.abs(np.diff(imgs, axis=2)))
+
+    def spread(imgs):
+        return np.mean([np.percentile(i, 99) - np.percentile(i, 1) for i in imgs])
+
     assert noise(hard) > 2.5 * noise(easy)
     assert spread(easy) > 150
 

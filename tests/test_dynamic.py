@@ -138,7 +138,7 @@ def test_forward_policies_equal_masked(name):
             fast = rnet.forward_policies(x, policies)
             slow = rnet.forward_policies(x, policies, dynamic=False)
             assert len(fast) == len(policies)
-            for f, s, p in zip(fast, slow, policies):
+            for f, s, p in zip(fast, slow, policies, strict=True):
                 assert_same_logits(rnet(x, p), s)
                 assert_same_logits(s, f)
     assert rnet.forward_policies(x, []) == []
@@ -170,7 +170,7 @@ def test_fast_curriculum_step_matches_masked(cl_step):
     assert torch.equal(r0, r1) and torch.equal(m0, m1)
     assert torch.equal(l0, l1)
     assert len(g0) == len(g1) > 0
-    for a, b in zip(g0, g1):
+    for a, b in zip(g0, g1, strict=True):
         assert torch.equal(a, b)
 
 

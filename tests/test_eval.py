@@ -34,8 +34,9 @@ def _images(dataset):
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def _count_flops(module, run):
-    """The authors' per-layer counting, done with hooks: conv 2*Cin*Cout*k*k*H*W, linear 2*in*out."""
+def _count_flops(module, fn, *args):
+    """The authors' per-layer counting, done with hooks: conv 2*Cin*Cout*k*k*H*W,
+    linear 2*in*out."""
     total = [0]
 
     def hook(m, _inp, out):
@@ -46,7 +47,7 @@ def _count_flops(module, run):
             total[0] += 2 * m.in_features * m.out_features
     hooks = [m.register_forward_hook(hook) for m in module.modules()
              if isinstance(m, (nn.Conv2d, nn.Linear))]
-    out = run()
+    out = fn(*args)
     for h in hooks:
         h.remove()
     return out, total[0]
@@ -59,11 +60,11 @@ def _reference_block(rnet, agent, dataset):
     for i in range(len(dataset)):
         x, y = dataset[i]
         x = x.unsqueeze(0)
-        (probs, _), agent_ops = _count_flops(agent, lambda: agent(x))
+        (probs, _), agent_ops = _count_flops(agent, agent, x)
         policy = probs.clone()
         policy[policy < 0.5] = 0.0
         policy[policy >= 0.5] = 1.0
-        preds, rnet_ops = _count_flops(rnet, lambda: rnet.forward_single(x, policy.squeeze(0)))
+        preds, rnet_ops = _count_flops(rnet, rnet.forward_single, x, policy.squeeze(0))
         matches.append((preds.argmax(1) == y).float())
         policies.append(policy)
         ops.append(agent_ops + rnet_ops)
@@ -71,9 +72,9 @@ def _reference_block(rnet, agent, dataset):
     accuracy = torch.cat(matches, 0).mean().item()
     usage = policies.sum(1)
     unique = len({"".join(str(int(v)) for v in p) for p in policies})
-    return ("\n    Accuracy: %.3f\n    Block Usage: %.3f \u00B1 %.3f\n    FLOPs/img: %.2E \u00B1 %.2E\n"
-            "    Unique Policies: %d\n    " % (accuracy, usage.mean().item(), usage.std().item(),
-                                             np.mean(ops), np.std(ops), unique))
+    values = (accuracy, usage.mean().item(), usage.std().item(), np.mean(ops), np.std(ops), unique)
+    return ("\n    Accuracy: %.3f\n    Block Usage: %.3f \u00B1 %.3f\n"
+            "    FLOPs/img: %.2E \u00B1 %.2E\n    Unique Policies: %d\n    " % values)
 
 
 def _run(capsys, argv):

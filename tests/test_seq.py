@@ -114,10 +114,10 @@ def test_one_training_step_changes_the_gates(curriculum):
     optimizer.zero_grad()
     out.loss.backward()
     optimizer.step()
-    changed = [not torch.equal(a, b) for a, b in zip(before, net.parameters())]
+    changed = [not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True)]
     names = [n for n, _ in net.named_parameters()]
-    gates_changed = [c for n, c in zip(names, changed) if n.startswith("agent.")]
-    resnet_changed = [c for n, c in zip(names, changed) if n.startswith("rnet.")]
+    gates_changed = [c for n, c in zip(names, changed, strict=True) if n.startswith("agent.")]
+    resnet_changed = [c for n, c in zip(names, changed, strict=True) if n.startswith("rnet.")]
     assert all(gates_changed[-2:]) and any(gates_changed)
     assert any(resnet_changed) != curriculum
 

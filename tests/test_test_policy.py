@@ -25,7 +25,7 @@ def _fixed_reference(rnet, vector, dataset):
     matches, ops = [], []
     for i in range(len(dataset)):
         x, y = dataset[i]
-        preds, flops = _count_flops(rnet, lambda: rnet.forward_single(x.unsqueeze(0), vector))
+        preds, flops = _count_flops(rnet, rnet.forward_single, x.unsqueeze(0), vector)
         matches.append(float(preds.argmax(1).item() == y))
         ops.append(flops)
     usage = int(vector.sum())

@@ -98,8 +98,10 @@ def test_finetuning_updates_both_networks_curriculum_only_the_policy():
         stats = train_epoch(step, [(inputs, targets, torch.arange(4))], opt,
                             torch.device("cpu"), progress=False)
         assert set(stats) >= {"accuracy", "reward", "block_usage", "unique_policies"}
-        changed_r = any(not torch.equal(a, p) for a, p in zip(before_r, rnet.parameters()))
-        changed_a = any(not torch.equal(a, p) for a, p in zip(before_a, agent.parameters()))
+        changed_r = any(not torch.equal(a, p)
+                        for a, p in zip(before_r, rnet.parameters(), strict=True))
+        changed_a = any(not torch.equal(a, p)
+                        for a, p in zip(before_a, agent.parameters(), strict=True))
         assert changed_a
         assert changed_r == (stage == "finetune")
 

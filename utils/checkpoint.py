@@ -22,7 +22,8 @@ import glob
 import os
 import re
 import tempfile
-from typing import Any, Dict, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -70,18 +71,18 @@ def save_checkpoint(obj: Any, path: str) -> None:
         raise
 
 
-def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> Dict[str, Any]:
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, Any]:
     """Remove ``prefix`` (left by DataParallel/DDP) from every key that has it."""
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def torchvision_to_flat(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+def torchvision_to_flat(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Rename torchvision-style ResNet keys to the flat layout.
 
     ``layer<i>.<b>.downsample.<n>.*`` -> ``ds.<i-1>.<n>.*``,
     ``layer<i>.<b>.*`` -> ``blocks.<i-1>.<b>.*``; other keys unchanged.
     """
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for key, value in strip_prefix(state).items():
         m = _LAYER.match(key)
         if m is None:
@@ -102,7 +103,7 @@ def _listing(keys: Iterable[str]) -> str:
 
 
 def fitted_state(module: nn.Module, state: Mapping[str, Any], source: str,
-                 what: str = "model") -> Dict[str, Any]:
+                 what: str = "model") -> dict[str, Any]:
     """Check ``state`` against ``module`` and return the complete state to load.
 
     Missing ``num_batches_tracked`` buffers (PyTorch < 0.4 files) keep the
@@ -136,12 +137,12 @@ def load_state_strict(module: nn.Module, state: Mapping[str, Any], source: str,
     module.load_state_dict(fitted_state(module, state, source, what), strict=True)
 
 
-def policy_state(state: Mapping[str, Any]) -> Dict[str, Any]:
+def policy_state(state: Mapping[str, Any]) -> dict[str, Any]:
     """A policy state dict without the ``features.fc.*`` entries some old files carry."""
     return {k: v for k, v in strip_prefix(state).items() if not k.startswith("features.fc.")}
 
 
-def resnet_state(ckpt: Any) -> Dict[str, Any]:
+def resnet_state(ckpt: Any) -> dict[str, Any]:
     """The flat-ResNet state dict inside any base-network checkpoint layout."""
     if isinstance(ckpt, Mapping):
         for key in ("state_dict", "resnet", "model"):
@@ -183,8 +184,8 @@ def load_torchvision_policy_init(agent: nn.Module, state: Mapping[str, torch.Ten
     load_state_strict(features, kept, source, "policy features")
 
 
-def load_blockdrop_checkpoint(path: str, rnet: Optional[nn.Module], agent: nn.Module,
-                              ckpt: Any = None) -> Dict[str, bool]:
+def load_blockdrop_checkpoint(path: str, rnet: nn.Module | None, agent: nn.Module,
+                              ckpt: Any = None) -> dict[str, bool]:
     """Load a BlockDrop stage checkpoint into ``agent`` (and ``rnet`` if it holds one).
 
     Both parts are checked before either is changed. Returns which parts were loaded.
@@ -226,7 +227,7 @@ def default_base_path(spec) -> str:
     return found[-1] if found else pattern
 
 
-def load_default_base(rnet: nn.Module, spec, path: Optional[str] = None,
+def load_default_base(rnet: nn.Module, spec, path: str | None = None,
                       policy_only: bool = False) -> str:
     """Load the pretrained base ResNet from ``path`` or the spec's default path."""
     path = path or default_base_path(spec)
@@ -240,8 +241,8 @@ def load_default_base(rnet: nn.Module, spec, path: Optional[str] = None,
     return path
 
 
-def load_for_eval(spec, load: Optional[str], base_ckpt: Optional[str] = None,
-                  log=print) -> "tuple[nn.Module, nn.Module]":
+def load_for_eval(spec, load: str | None, base_ckpt: str | None = None,
+                  log=print) -> tuple[nn.Module, nn.Module]:
     """The base ResNet and policy of ``spec``, loaded as the authors' test.py did.
 
     Without ``load`` the policy keeps every block (it still runs and counts).
@@ -263,7 +264,7 @@ def load_for_eval(spec, load: Optional[str], base_ckpt: Optional[str] = None,
     return rnet, agent
 
 
-def agent_type_of(ckpt: Any) -> Optional[str]:
+def agent_type_of(ckpt: Any) -> str | None:
     """The kind of agent a checkpoint holds: its ``agent_type`` record (``blockdrop``,
     ``seq``), ``blockdrop`` for files without one (the authors'), None without an agent."""
     if not isinstance(ckpt, Mapping) or not any(k in ckpt for k in ("agent", "net")):

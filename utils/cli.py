@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn, Optional, Sequence, Tuple
+from typing import NoReturn
 
 import torch
 
@@ -85,9 +86,9 @@ def add_policy_init_arg(p: argparse.ArgumentParser) -> None:
                         "policy's ResNet-10 (as in the paper); never downloaded")
 
 
-def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None,
           extra_checks=lambda args: [], finalize=lambda args: args
-          ) -> Tuple[argparse.Namespace, Optional[dict]]:
+          ) -> tuple[argparse.Namespace, dict | None]:
     """Resolve and validate the configuration; any problem exits (status 2) before training.
 
     ``finalize`` fills in derived defaults once the model is known.
@@ -135,7 +136,7 @@ def check_checkpoint_model(ckpt, path: str, name: str) -> None:
         raise CheckpointError(f"{path} holds a {ckpt['model']} model, not {name}")
 
 
-def init_policy(agent: torch.nn.Module, spec, path: Optional[str]) -> bool:
+def init_policy(agent: torch.nn.Module, spec, path: str | None) -> bool:
     """``--policy_init``: start the policy's features from the torchvision ResNet that
     ``spec.policy.torchvision_init`` names (resnet18 for the ImageNet ResNet-10)."""
     if path is None:
@@ -151,7 +152,7 @@ def init_policy(agent: torch.nn.Module, spec, path: Optional[str]) -> bool:
 
 
 def run_stage(prog: str, args: argparse.Namespace, stage, epochs: range, first: int,
-              test_due, loader, sampler, ctx: Context, state: Optional[dict]) -> None:
+              test_due, loader, sampler, ctx: Context, state: dict | None) -> None:
     """Write config.yaml, then train; a NaN loss stops with the last good ``last.t7`` kept."""
 
     if ctx.info.is_main:
@@ -177,7 +178,7 @@ def loaders_for(args: argparse.Namespace, spec, ctx: Context):
                         ctx.device.type == "cuda")
 
 
-def epochs_for(stage, state: Optional[dict], start_epoch: int, max_epochs: int):
+def epochs_for(stage, state: dict | None, start_epoch: int, max_epochs: int):
     """The authors' epochs ``range(start, start + max_epochs + 1)``; a resumed run restores
     ``stage`` and continues its range. Returns ``(epochs, first_epoch)``."""
     first = start_epoch

@@ -15,7 +15,8 @@ from utils.errors import UserError
 
 import argparse
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -27,7 +28,7 @@ class ConfigError(UserError, ValueError):
     """A configuration file is unreadable or names unknown settings."""
 
 
-def _actions(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest != "help"}
 
 
@@ -56,7 +57,7 @@ def _coerce(action: argparse.Action, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: bad value for '{action.dest}': {value!r} ({err})") from None
 
 
-def load_yaml(path: str) -> Dict[str, Any]:
+def load_yaml(path: str) -> dict[str, Any]:
     """Read a YAML mapping of flag names to values."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
@@ -73,7 +74,7 @@ def load_yaml(path: str) -> Dict[str, Any]:
 
 
 def checked_layer(parser: argparse.ArgumentParser, values: Mapping[str, Any],
-                  source: str) -> Dict[str, Any]:
+                  source: str) -> dict[str, Any]:
     """``values`` with every key checked against the parser's flags and converted."""
     actions = _actions(parser)
     unknown = sorted(k for k in values if k not in actions)
@@ -83,14 +84,14 @@ def checked_layer(parser: argparse.ArgumentParser, values: Mapping[str, Any],
     return {k: _coerce(actions[k], v, source) for k, v in values.items()}
 
 
-def resolve(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
-            saved: Optional[Mapping[str, Any]] = None) -> argparse.Namespace:
+def resolve(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+            saved: Mapping[str, Any] | None = None) -> argparse.Namespace:
     """Parse ``argv`` with defaults, then ``saved``, then ``--config`` YAML, then flags.
 
     The parser must define ``--config``. Raises ConfigError for bad files.
     """
     first, _ = parser.parse_known_args(argv)
-    layers: Dict[str, Any] = {}
+    layers: dict[str, Any] = {}
     if saved:
         kept = {k: v for k, v in saved.items()
                 if k not in RUN_CONTROL_KEYS and k in _actions(parser)}
@@ -101,7 +102,7 @@ def resolve(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
     return parser.parse_args(argv)
 
 
-def to_plain(args: argparse.Namespace) -> Dict[str, Any]:
+def to_plain(args: argparse.Namespace) -> dict[str, Any]:
     """The configuration as plain YAML/pickle-safe types."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
@@ -115,7 +116,7 @@ def save_config(args: argparse.Namespace, folder: str) -> str:
     return path
 
 
-def check_common(args: argparse.Namespace) -> List[str]:
+def check_common(args: argparse.Namespace) -> list[str]:
     """Problems with the values shared by the training scripts (empty if none)."""
     problems = []
     positive = ("lr", "batch_size", "epoch_step", "test_every", "lr_decay_ratio")

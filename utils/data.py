@@ -12,7 +12,7 @@ from utils.errors import UserError
 
 import os
 import pickle
-from typing import Callable, List, Tuple
+from collections.abc import Callable
 
 import torchvision.datasets as tvd
 import torchvision.transforms as T
@@ -30,7 +30,7 @@ def get_transform(spec: ModelSpec, train: bool) -> Callable:
     padding) and flip for training or a centre crop for testing (none without a
     resize); normalisation only where the base network was trained with it."""
     data = spec.data
-    ops: List[Callable] = [T.Resize(data.resize)] if data.resize else []
+    ops: list[Callable] = [T.Resize(data.resize)] if data.resize else []
     if train:
         ops += [T.RandomCrop(data.image_size, padding=data.crop_padding or None),
                 T.RandomHorizontalFlip()]
@@ -110,7 +110,7 @@ def get_dataset(spec: ModelSpec, data_dir: str, train: bool, download: bool = Fa
     return SOURCES[spec.data.source](spec, data_dir, train, download)
 
 
-def get_datasets(spec: ModelSpec, data_dir: str, download: bool = False) -> Tuple[Dataset, Dataset]:
+def get_datasets(spec: ModelSpec, data_dir: str, download: bool = False) -> tuple[Dataset, Dataset]:
     """``(trainset, testset)`` of ``spec``'s dataset."""
     return get_dataset(spec, data_dir, True, download), get_dataset(spec, data_dir, False, download)
 
@@ -133,9 +133,10 @@ def write_cifar_folder(root: str, images, labels, train: bool, num_classes: int 
     label_key = "labels" if num_classes == 10 else "fine_labels"
     names = [n for n, _ in (cls.train_list if train else cls.test_list)]
     chunks = np.array_split(np.arange(len(images)), len(names))
-    for name, idx in zip(names, chunks):
+    for name, idx in zip(names, chunks, strict=True):
         with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({"data": flat[idx], label_key: [int(y) for y in np.asarray(labels)[idx]]}, f)
+            batch_labels = [int(y) for y in np.asarray(labels)[idx]]
+            pickle.dump({"data": flat[idx], label_key: batch_labels}, f)
     meta_key = cls.meta["key"]
     with open(os.path.join(folder, cls.meta["filename"]), "wb") as f:
         pickle.dump({meta_key: [f"class{i}" for i in range(num_classes)]}, f)

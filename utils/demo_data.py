@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-from typing import Tuple
 
 import numpy as np
 
 from utils.data import CIFAR10Files, write_cifar_folder
 
 SIZE = 32
-CLASSES = ("disc", "square", "triangle", "plus", "cross", "hbar", "vbar", "ring", "diamond", "frame")
+CLASSES = ("disc", "square", "triangle", "plus", "cross", "hbar", "vbar", "ring", "diamond",
+           "frame")
 
 
 def _shape_mask(kind: int, cy: float, cx: float, r: float) -> np.ndarray:
@@ -42,7 +42,8 @@ def _shape_mask(kind: int, cy: float, cx: float, r: float) -> np.ndarray:
         6: (abs(dx) <= w) & (abs(dy) <= r * 1.1),
         7: (dist <= r) & (dist >= r * 0.55),
         8: (abs(dy) + abs(dx)) <= r,
-        9: ((abs(dy) <= r * 0.9) & (abs(dx) <= r * 0.9)) & ~((abs(dy) <= r * 0.5) & (abs(dx) <= r * 0.5)),
+        9: ((abs(dy) <= r * 0.9) & (abs(dx) <= r * 0.9))
+        & ~((abs(dy) <= r * 0.5) & (abs(dx) <= r * 0.5)),
     }
     return masks[kind]
 
@@ -85,12 +86,12 @@ def draw(kind: int, hard: bool, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate(n: int, hard_fraction: float, rng: np.random.Generator
-             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` images with balanced labels; returns (images, labels, difficulty)."""
     labels = np.arange(n) % len(CLASSES)
     rng.shuffle(labels)
     difficulty = (rng.random(n) < hard_fraction).astype(np.int64)
-    images = np.stack([draw(int(k), bool(h), rng) for k, h in zip(labels, difficulty)])
+    images = np.stack([draw(int(k), bool(h), rng) for k, h in zip(labels, difficulty, strict=True)])
     return images, labels, difficulty
 
 
@@ -102,7 +103,7 @@ def write_demo_dataset(root: str, train: int, test: int, hard_fraction: float = 
         images, labels, difficulty = generate(n, hard_fraction, rng)
         folder = write_cifar_folder(root, images, labels, train=is_train, num_classes=10)
         names = [f for f, _ in (CIFAR10Files.train_list if is_train else CIFAR10Files.test_list)]
-        for name, idx in zip(names, np.array_split(np.arange(n), len(names))):
+        for name, idx in zip(names, np.array_split(np.arange(n), len(names)), strict=True):
             path = os.path.join(folder, name)
             with open(path, "rb") as f:
                 entry = pickle.load(f)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,15 +37,15 @@ from utils.stats import PolicyStats, mean32, policy_stats
 class EvalResult:
     policies: torch.Tensor  # (N, K) uint8, the greedy policy of every image
     matches: torch.Tensor  # (N,) float, 1 where the prediction is right
-    rewards: Optional[torch.Tensor]  # (N,) Eq. 3 rewards, when a penalty was given
-    flops: Optional[np.ndarray]  # (N,) int64 FLOPs per image, policy network included
+    rewards: torch.Tensor | None  # (N,) Eq. 3 rewards, when a penalty was given
+    flops: np.ndarray | None  # (N,) int64 FLOPs per image, policy network included
     stats: PolicyStats
 
 
 @torch.no_grad()
-def evaluate(rnet: FlatResNet, source: Union[PolicySource, nn.Module], loader: Iterable,
-             device: torch.device, flops: Optional[FlopTable] = None,
-             penalty: Optional[float] = None, cl_step: Optional[int] = None,
+def evaluate(rnet: FlatResNet, source: PolicySource | nn.Module, loader: Iterable,
+             device: torch.device, flops: FlopTable | None = None,
+             penalty: float | None = None, cl_step: int | None = None,
              dynamic: bool = True, progress: bool = True, desc: str = "test") -> EvalResult:
     """Run ``source``'s decisions over ``loader`` and collect the paper's statistics.
 
@@ -93,8 +94,8 @@ class StepOutput:
 
     loss: torch.Tensor
     match: torch.Tensor  # (B,) 1 where the prediction (under the sampled policy) is right
-    policy: Optional[torch.Tensor] = None  # (B, K) the sampled policy
-    reward: Optional[torch.Tensor] = None  # (B,) its reward
+    policy: torch.Tensor | None = None  # (B, K) the sampled policy
+    reward: torch.Tensor | None = None  # (B,) its reward
 
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], StepOutput]
@@ -123,7 +124,7 @@ def autocast(amp: str, device: torch.device):
 
 
 def policy_pass(agent: nn.Module, inputs: torch.Tensor, alpha: float, noise: torch.Tensor,
-                cl_step: Optional[int] = None):
+                cl_step: int | None = None):
     """The policy's forward pass of a training step.
 
     Returns ``(s', ũ, u, mask)``: bounded probabilities (with gradient), greedy and
@@ -179,7 +180,7 @@ def finetune_train_step(rnet: nn.Module, agent: nn.Module, inputs: torch.Tensor,
 
 def seq_train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                    noise: torch.Tensor, *, alpha: float, penalty: float,
-                   beta: Optional[float] = None, cl_step: Optional[int] = None,
+                   beta: float | None = None, cl_step: int | None = None,
                    mode: str = "masked", world_size: int = 1, amp: str = "none") -> StepOutput:
     """BlockDrop-seq (supplement): a greedy pass without gradient (the self-critical
     baseline), then a pass whose decisions are sampled block by block, both through
@@ -225,8 +226,8 @@ def classifier_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch
     return StepOutput(loss, (preds.argmax(1) == targets).float())
 
 
-def _summary(matches: List[torch.Tensor], losses: List[float], policies: List[torch.Tensor],
-             rewards: List[torch.Tensor]) -> Dict[str, float]:
+def _summary(matches: list[torch.Tensor], losses: list[float], policies: list[torch.Tensor],
+             rewards: list[torch.Tensor]) -> dict[str, float]:
     """Epoch statistics over all processes: the authors' policy statistics, or accuracy."""
     match = gather_cat(torch.cat(matches))
     loss = gather_cat(torch.tensor(losses, dtype=torch.float64))
@@ -238,7 +239,7 @@ def _summary(matches: List[torch.Tensor], losses: List[float], policies: List[to
 
 def train_epoch(step: StepFn, loader: Iterable, optimizer: torch.optim.Optimizer,
                 device: torch.device, desc: str = "train",
-                progress: bool = True) -> Dict[str, float]:
+                progress: bool = True) -> dict[str, float]:
     """One pass over ``loader`` (batches of ``(inputs, targets, indices)``).
 
     Raises NonFiniteLossError, before the update, when a loss is NaN or infinite
@@ -264,9 +265,9 @@ def train_epoch(step: StepFn, loader: Iterable, optimizer: torch.optim.Optimizer
     return _summary(matches, losses, policies, rewards)
 
 
-def evaluate_policy(rnet: FlatResNet, source: Union[PolicySource, nn.Module], loader: Iterable,
-                    device: torch.device, penalty: float, cl_step: Optional[int] = None,
-                    dynamic: bool = True, progress: bool = True) -> Dict[str, float]:
+def evaluate_policy(rnet: FlatResNet, source: PolicySource | nn.Module, loader: Iterable,
+                    device: torch.device, penalty: float, cl_step: int | None = None,
+                    dynamic: bool = True, progress: bool = True) -> dict[str, float]:
     """Test statistics of ``source`` (a policy source or a policy network), gathered
     over processes that each hold a shard."""
     if isinstance(source, nn.Module):
@@ -280,7 +281,7 @@ def evaluate_policy(rnet: FlatResNet, source: Union[PolicySource, nn.Module], lo
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader: Iterable, device: torch.device,
-                        progress: bool = True) -> Dict[str, float]:
+                        progress: bool = True) -> dict[str, float]:
     """Test accuracy and mean cross-entropy of a plain classifier, over all shards."""
     model = unwrap(model)
     model.eval()
@@ -305,14 +306,14 @@ class Stage:
     networks, keyed as in the checkpoints (``agent``, ``resnet``)."""
 
     name: str
-    modules: Dict[str, nn.Module]
+    modules: dict[str, nn.Module]
     optimizer: torch.optim.Optimizer
     train_modes: Callable[[], None]  # put the networks in their training modes
     step_for: Callable[[int], StepFn]  # the training step of an epoch
-    test: Callable[[int], Dict[str, float]]  # test statistics at an epoch
+    test: Callable[[int], dict[str, float]]  # test statistics at an epoch
     lr_for: Callable[[int], float]
-    named_checkpoint: Callable[[int, Dict[str, float]], Tuple[str, Dict[str, Any]]]
-    extra_for: Callable[[int], Dict[str, Any]] = lambda epoch: {}
+    named_checkpoint: Callable[[int, dict[str, float]], tuple[str, dict[str, Any]]]
+    extra_for: Callable[[int], dict[str, Any]] = lambda epoch: {}
 
 
 @dataclass
@@ -324,11 +325,11 @@ class Loop:
     test_due: Callable[[int], bool]
     cv_dir: str
     model: str
-    config: Dict[str, Any]
+    config: dict[str, Any]
     progress: bool = True
 
 
-def restore(stage: Stage, state: Dict[str, Any], source: str) -> int:
+def restore(stage: Stage, state: dict[str, Any], source: str) -> int:
     """Load a ``last.t7`` into the stage's networks and optimizer; returns its epoch."""
     if state.get("stage") != stage.name:
         raise CheckpointError(f"{source} was written by the {state.get('stage')!r} stage, "
@@ -346,7 +347,7 @@ def save_last(stage: Stage, loop: Loop, epoch: int, info: DistInfo) -> None:
     states = gather_objects(rng_state())
     if not info.is_main:
         return
-    payload: Dict[str, Any] = {k: m.state_dict() for k, m in stage.modules.items()}
+    payload: dict[str, Any] = {k: m.state_dict() for k, m in stage.modules.items()}
     payload.update(optimizer=stage.optimizer.state_dict(), epoch=epoch,
                    first_epoch=loop.first_epoch, rng=states, config=loop.config,
                    model=loop.model, stage=stage.name)
@@ -354,7 +355,7 @@ def save_last(stage: Stage, loop: Loop, epoch: int, info: DistInfo) -> None:
 
 
 def fit(stage: Stage, loop: Loop, loader: Iterable, sampler, device: torch.device,
-        info: DistInfo, log: RunLog, rng_states: Optional[List[Dict[str, Any]]] = None) -> None:
+        info: DistInfo, log: RunLog, rng_states: list[dict[str, Any]] | None = None) -> None:
     """Train ``stage`` over ``loop.epochs``: set the lr, train, test when due, save.
 
     ``sampler.set_epoch`` makes the data order a function of (seed, epoch);

@@ -11,9 +11,9 @@ one cost per residual block, so that for a whole batch of policies
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Dict, Iterator, Tuple
+from functools import cache
 
 import torch
 import torch.nn as nn
@@ -30,14 +30,17 @@ def _layer_cost(module: nn.Module, out: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def flop_counter(module: nn.Module) -> Iterator[Dict[str, int]]:
+def flop_counter(module: nn.Module) -> Iterator[dict[str, int]]:
     """While open, count the FLOPs of each Conv2d/Linear of ``module`` (by name) into
     the yielded dict, with forward hooks (the authors counted inside their layers)."""
     names = {m: n for n, m in module.named_modules()}
-    costs: Dict[str, int] = {}
-    hooks = [m.register_forward_hook(
-        lambda m, _inp, out: costs.__setitem__(names[m], costs.get(names[m], 0) + _layer_cost(m, out)))
-        for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    costs: dict[str, int] = {}
+
+    def count(m: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        costs[names[m]] = costs.get(names[m], 0) + _layer_cost(m, out)
+
+    hooks = [m.register_forward_hook(count)
+             for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         yield costs
     finally:
@@ -45,7 +48,7 @@ def flop_counter(module: nn.Module) -> Iterator[Dict[str, int]]:
             h.remove()
 
 
-def module_flops(run, module: nn.Module) -> Dict[str, int]:
+def module_flops(run, module: nn.Module) -> dict[str, int]:
     """FLOPs of each Conv2d/Linear of ``module`` (by name) during ``run()`` on one image."""
     with flop_counter(module) as costs, torch.no_grad():
         run()
@@ -57,7 +60,7 @@ class FlopTable:
     """Per-image FLOPs of a BlockDrop model: ``fixed + policy @ block_costs``."""
 
     resnet_fixed: int  # stem, shortcuts, classifier
-    block_costs: Tuple[int, ...]  # one entry per residual block
+    block_costs: tuple[int, ...]  # one entry per residual block
     policy: int  # the policy network, both heads included
 
     @property
@@ -72,7 +75,7 @@ class FlopTable:
         return fixed + policy.to(torch.int64) @ costs
 
 
-@lru_cache(maxsize=None)
+@cache
 def flop_table(model_name: str) -> FlopTable:
     """The FlopTable of a registered model, measured once on a single image."""
     spec = get_spec(model_name)

@@ -6,7 +6,6 @@ keeping block k.
 """
 from __future__ import annotations
 
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ def block_reward(policy: torch.Tensor, correct: torch.Tensor, penalty: float) ->
 
 
 def reward(preds: torch.Tensor, targets: torch.Tensor, policy: torch.Tensor,
-           penalty: float) -> Tuple[torch.Tensor, torch.Tensor]:
+           penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3 from logits: ``(reward (B,), match (B,) as float)``."""
     match = preds.argmax(1) == targets
     return block_reward(policy, match, penalty), match.float()

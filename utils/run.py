@@ -24,7 +24,8 @@ import glob
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -46,7 +47,7 @@ def checkpoints_in(folder: str) -> list:
     return sorted(glob.glob(os.path.join(folder, "*.t7")))
 
 
-def check_run_folder(folder: str, resume: bool) -> Optional[str]:
+def check_run_folder(folder: str, resume: bool) -> str | None:
     """The ``last.t7`` to resume from, or None for a fresh run.
 
     A fresh run refuses a folder that already holds checkpoints; ``--resume``
@@ -66,9 +67,9 @@ def check_run_folder(folder: str, resume: bool) -> Optional[str]:
     return None
 
 
-def resolve_run(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+def resolve_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
                 finalize: Callable[[argparse.Namespace], argparse.Namespace] = lambda a: a
-                ) -> Tuple[argparse.Namespace, Optional[Dict]]:
+                ) -> tuple[argparse.Namespace, dict | None]:
     """Resolve the configuration; with ``--resume``, the saved one sits below YAML and flags.
 
     ``finalize`` fills in derived defaults (e.g. a recipe that depends on the
@@ -93,7 +94,7 @@ def blockdrop_name(epoch: int, stats: Mapping[str, Any]) -> str:
         epoch, stats["accuracy"], stats["reward"], stats["block_usage"], stats["unique_policies"])
 
 
-def format_line(epoch: Optional[int], stats: Mapping[str, Any]) -> str:
+def format_line(epoch: int | None, stats: Mapping[str, Any]) -> str:
     """The authors' log line: ``E: 3 | A: ...`` (train) or ``TS - A: ...`` (test)."""
     head = "E: %d | " % epoch if epoch is not None else "TS - "
     if "block_usage" not in stats:
@@ -106,7 +107,7 @@ def format_line(epoch: Optional[int], stats: Mapping[str, Any]) -> str:
 class RunLog:
     """metrics.jsonl, tensorboardX scalars and the printed log lines (main process only)."""
 
-    def __init__(self, folder: str, enabled: bool, resume_epoch: Optional[int] = None):
+    def __init__(self, folder: str, enabled: bool, resume_epoch: int | None = None):
         self.enabled = enabled
         self.start = time.time()
         self.folder = folder
@@ -141,7 +142,7 @@ class RunLog:
                 self.writer.add_scalar(f"{prefix}_{tag}", stats[key], epoch)
 
     def epoch(self, epoch: int, lr: float, train: Mapping[str, Any],
-              test: Optional[Mapping[str, Any]] = None, **extra: Any) -> None:
+              test: Mapping[str, Any] | None = None, **extra: Any) -> None:
         """Print, plot and record one epoch."""
         if not self.enabled:
             return

@@ -8,8 +8,8 @@ float32 prints ``16.934`` where float64 prints ``16.933``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
