@@ -1,19 +1,35 @@
-"""Shared fixtures: tiny CIFAR-format data and base networks made in a temp folder."""
+"""Shared fixtures (tiny CIFAR-format data and base networks made in a temp folder) and the
+two markers: ``slow`` tests run only with ``--runslow``; ``gpu`` tests only where CUDA is."""
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models import build_resnet, get_spec  # noqa: E402
-from utils.data import write_cifar_folder  # noqa: E402
+from models import build_resnet, get_spec
+from utils.data import write_cifar_folder
 
 torch.set_num_threads(1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true",
+                     help="also run the tests marked slow (skipped by default)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``slow`` tests unless --runslow is given and ``gpu`` tests without CUDA."""
+    skips = []
+    if not config.getoption("--runslow"):
+        skips.append(("slow", pytest.mark.skip(reason="slow: run with --runslow")))
+    if not torch.cuda.is_available():
+        skips.append(("gpu", pytest.mark.skip(reason="gpu: CUDA is not available")))
+    for item in items:
+        for marker, skip in skips:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
