@@ -45,3 +45,27 @@ def pk_layout(rnet) -> dict:
             k = f"layer{int(s) + 1}.0.downsample.{rest}"
         out["module." + k] = v
     return out
+
+
+def error_line(main, argv, capsys) -> str:
+    """Run a script's ``main``: it must fail with one line and no traceback; returns the line.
+
+    Accepts either exit path: ``sys.exit(message)``, a message on stderr and a
+    non-zero status, or a raised UserError for a launcher to print.
+    """
+    from utils.errors import UserError
+
+    try:
+        main(argv)
+    except SystemExit as exit_:
+        assert exit_.code not in (0, None)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        if isinstance(exit_.code, str):
+            assert "\n" not in exit_.code.strip(), exit_.code
+            return exit_.code
+        return err.strip().splitlines()[-1]
+    except UserError as err:
+        assert "\n" not in str(err), str(err)
+        return str(err)
+    raise AssertionError(f"{main.__module__} did not fail")

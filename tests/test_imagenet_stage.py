@@ -2,6 +2,7 @@
 state dict, the policy's ResNet-10 from a torchvision resnet18 file (nothing downloaded)."""
 import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torchvision
 from PIL import Image
 
 import cl_training
+from helpers import error_line
 from utils.checkpoint import read_checkpoint
 
 
@@ -18,8 +20,9 @@ def imagenet_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet")
     rng = np.random.RandomState(0)
     for split in ("train", "val"):
-        for cls in ("n01", "n02"):
-            os.makedirs(root / split / cls)
+        for i in range(1000):  # every class folder, images in two of them
+            os.makedirs(root / split / f"n{i:04d}")
+        for cls in ("n0000", "n0001"):
             pixels = rng.randint(0, 256, (40, 48, 3)).astype(np.uint8)
             Image.fromarray(pixels).save(root / split / cls / "img.png")
     torch.save(torchvision.models.resnet101(weights=None).state_dict(), root / "r101.pth")
@@ -40,3 +43,18 @@ def test_cl_training_on_imagenet_layout(imagenet_folder, tmp_path):
     # it started from resnet18, and one Adam step (lr 1e-3) moved it by about the lr
     moved = ckpt["agent"]["features.conv1.weight"] - start["conv1.weight"]
     assert 0 < moved.abs().max() <= 1.1e-3
+
+
+def test_a_corrupt_jpeg_stops_training_in_one_line(imagenet_folder, tmp_path, capsys):
+    """Read by a DataLoader worker during the first epoch: one line naming the file."""
+    root = tmp_path / "data"
+    shutil.copytree(imagenet_folder / "train", root / "train")
+    shutil.copytree(imagenet_folder / "val", root / "val")
+    bad = root / "train" / "n0001" / "img.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    line = error_line(cl_training.main, [
+        "--model", "R101_ImgNet", "--data_dir", str(root), "--cv_dir", str(tmp_path / "cl"),
+        "--base_ckpt", str(imagenet_folder / "r101.pth"), "--batch_size", "2",
+        "--max_epochs", "0", "--workers", "2", "--device", "cpu", "--no_progress"], capsys)
+    assert str(bad) in line and "cannot read the image" in line
+    assert not glob.glob(str(tmp_path / "cl" / "*.t7"))

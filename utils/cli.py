@@ -23,6 +23,7 @@ from utils.config import ConfigError, check_common, save_config, to_plain
 from utils.data import get_datasets, make_loaders
 from utils.dist import DistInfo, cleanup, device_for, init_distributed, launched_by_torchrun
 from utils.engine import Loop, NonFiniteLossError, fit, restore
+from utils.errors import UserError
 from utils.run import LAST, RunFolderError, RunLog, resolve_run
 from utils.seeding import seed_everything, set_deterministic
 
@@ -166,6 +167,8 @@ def run_stage(prog: str, args: argparse.Namespace, stage, epochs: range, first: 
     except NonFiniteLossError as err:
         fail(prog, f"{err}; stopped. The last good state is {os.path.join(args.cv_dir, LAST)} "
                    f"(continue with --resume once the cause is fixed)")
+    except UserError as err:  # e.g. an image that cannot be decoded, found when it is read
+        fail(prog, err)
     finally:
         log.close()
         cleanup()
