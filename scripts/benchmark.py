@@ -2,7 +2,7 @@
 
     python -m scripts.benchmark --out bench.json
 
-Three parts, every method timed in one run on the same inputs, interleaved,
+Four parts, every method timed in one run on the same inputs, interleaved,
 median over repeats after warm-up:
 
 * inference: time per image of the full ResNet (``forward_full``), and, with the
@@ -19,6 +19,10 @@ median over repeats after warm-up:
   (``utils.engine.curriculum_train_step``, Alg. 1, every block decided) whose two
   no-gradient ResNet passes run masked (``forward`` twice, the authors' way) or
   through one ``forward_policies`` call; backward and Adam update included.
+* seq (Table 2): time per image of the full ResNet, BlockDrop and BlockDrop-seq
+  (supplement) at batch 1 and 32 on R32_C10 and R110_C10, through the policy
+  sources' ``run`` (what evaluation uses); BlockDrop-seq also with masked and
+  grouped execution forced, which is how its batch > 1 mode was chosen.
 
 CPU by default; ``--device cuda`` times with CUDA events. ``--channels-last``
 puts both networks in channels_last layout for every method (measured on CPU;
@@ -43,6 +47,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from models import FlatResNet, PolicyNet, get_model, get_spec
+from models.seq import MODES, SeqAgent, SeqSource, build_seq_agent, seq_pass
+from models.sources import build_source
 from utils.engine import curriculum_train_step, evaluate
 from utils.flops import flop_counter, flop_table
 from utils.rewards import greedy_policy
@@ -260,6 +266,86 @@ def bench_curriculum(name: str, batch: int, keep_fraction: float, repeats: int,
     }
 
 
+# -- part 4: Table 2, BlockDrop-seq -------------------------------------------
+SEQ_MODELS = ("R32_C10", "R110_C10")
+SEQ_BATCHES = (1, 32)
+SEQ_METHODS = ("full", "blockdrop", "seq", "seq_masked", "seq_grouped")
+
+
+def calibrate_seq_agent(rnet: FlatResNet, agent: SeqAgent, images: torch.Tensor,
+                        keep_fraction: float, generator: torch.Generator) -> None:
+    """Make BlockDrop-seq's gates look trained: gate t becomes a random projection of
+    its standardised input, with the bias set so that it keeps block t for about
+    ``keep_fraction`` of ``images`` (decisions then vary from image to image)."""
+    with torch.no_grad():
+        h = rnet.stem(images)
+        for t, gate in enumerate(agent.gates):
+            pooled = h.mean((2, 3))
+            sd = pooled.std(0) + 1e-6
+            w = torch.randn(2, pooled.shape[1], generator=generator).to(pooled) / sd
+            margin = pooled @ (w[1] - w[0])
+            cut = torch.quantile(margin.double(), 1.0 - keep_fraction).to(margin)
+            gate.weight.copy_(w)
+            gate.bias.copy_(torch.stack([cut, torch.zeros_like(cut)]))
+            keep = (gate(pooled).argmax(1) == 1).to(h.dtype).view(-1, 1, 1, 1)
+            residual = rnet.residual(t, h)
+            h = rnet.run_block(t, h, residual) * keep + residual * (1 - keep)
+
+
+def bench_seq(name: str, batch: int, keep: int, repeats: int, warmup: int,
+              device: torch.device, seed: int = 0, min_time: float = 0.0,
+              images: int = 32) -> dict:
+    """Table 2: per-image time of the full ResNet, of BlockDrop (policy network, then
+    dynamic execution; ``AgentSource.run``) and of BlockDrop-seq (``SeqSource.run``:
+    its default execution, and masked and grouped forced), on the engine's own paths.
+    Both policies are calibrated to keep about ``keep`` blocks per image; every method
+    runs the same ``max(batch, images)`` images in batches of ``batch``, so that the
+    blocks used are averaged over the same images."""
+    spec, gen, rnet, agent = setup(name, device, seed)
+    count = max(batch, images)
+    x = torch.rand(count, 3, spec.image_size, spec.image_size, generator=gen).to(device)
+    chunks = x.split(batch)
+    calib = torch.rand(256, 3, spec.image_size, spec.image_size, generator=gen).to(device)
+    fraction = keep / rnet.num_blocks
+    calibrate_agent(agent, calib, fraction)
+    seq_agent = build_seq_agent(spec).to(device).eval()
+    calibrate_seq_agent(rnet, seq_agent, calib, fraction, gen)
+    sources = {"blockdrop": build_source("blockdrop", spec, agent=agent),
+               "seq": SeqSource(seq_agent)}
+    fns = {"full": lambda: [rnet.forward_full(c) for c in chunks]}
+    for key, source in sources.items():
+        fns[key] = lambda source=source: [source.run(rnet, c) for c in chunks]
+    for mode in MODES:  # forced, also at batch 1
+        fns[f"seq_{mode}"] = lambda mode=mode: [seq_pass(rnet, seq_agent, c, mode=mode)
+                                                for c in chunks]
+    with torch.inference_mode():
+        med = time_interleaved(fns, repeats, warmup, Clock(device), min_time)
+        usage = {key: float(torch.cat([p for _, p in fns[key]()]).sum(1).mean())
+                 for key in sources}
+    return {
+        "model": name, "batch": batch, "images": count, "keep": keep,
+        "num_blocks": rnet.num_blocks,
+        "seq_batch_mode": "grouped" if batch == 1 else sources["seq"].batch_mode,
+        "blocks_used": usage,
+        "ms_per_image": {m: 1e3 * med[m] / count for m in SEQ_METHODS},
+        "seq_vs_blockdrop": med["seq"] / med["blockdrop"],
+    }
+
+
+def _seq_line(r: dict) -> str:
+    ms, used = r["ms_per_image"], r["blocks_used"]
+    return (f"{r['model']:<12} {r['batch']:>5} | {used['blockdrop']:>10.1f} {used['seq']:>5.1f} |"
+            f" {ms['full']:>14.3f} {ms['blockdrop']:>10.3f} {ms['seq']:>7.3f} "
+            f"({ms['seq_masked']:>6.3f} {ms['seq_grouped']:>7.3f}) |"
+            f" {r['seq_vs_blockdrop']:>5.2f}x")
+
+
+def format_seq(rows: list[dict]) -> str:
+    head = ("model        batch | blocks: BD   seq  | ms/image: full  BlockDrop  BD-seq "
+            "(masked grouped) | seq/BD")
+    return "\n".join([head, "-" * len(head)] + [_seq_line(r) for r in rows])
+
+
 # -- command line ------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.benchmark",
@@ -280,8 +366,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parts", nargs="+", default=["inference", "eval", "curriculum"],
-                   choices=["inference", "eval", "curriculum"])
+    p.add_argument("--parts", nargs="+", default=["inference", "eval", "curriculum", "seq"],
+                   choices=["inference", "eval", "curriculum", "seq"])
+    p.add_argument("--seq-models", nargs="+", default=list(SEQ_MODELS),
+                   help="models of the BlockDrop-seq part (Table 2; default: %(default)s)")
+    p.add_argument("--seq-batches", nargs="+", type=int, default=list(SEQ_BATCHES),
+                   help="batch sizes of the BlockDrop-seq part (default: %(default)s)")
+    p.add_argument("--seq-images", type=int, default=32,
+                   help="images each BlockDrop-seq setting runs (at least one batch)")
     p.add_argument("--eval-models", nargs="+", default=["R110_C10"])
     p.add_argument("--eval-images", type=int, default=512)
     p.add_argument("--eval-batch", type=int, default=256)
@@ -293,7 +385,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cl-repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 3 repeats, 1 warm-up, batch sizes 1 and 8, 32 eval "
-                        "images, curriculum batch 32 (explicit flags still win)")
+                        "images, curriculum batch 32, BlockDrop-seq on R32_C10 with batches "
+                        "1 and 4 (explicit flags still win)")
     p.add_argument("--channels-last", action="store_true",
                    help="both networks in channels_last layout, for every method (on a "
                         "GPU: UNMEASURED)")
@@ -310,7 +403,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                   ("--eval-repeats", "eval_repeats", 1),
                                   ("--cl-batch", "cl_batch", 32), ("--cl-repeats", "cl_repeats", 2),
                                   ("--min-time", "min_time", 0.0),
-                                  ("--single-images", "single_images", 4)):
+                                  ("--single-images", "single_images", 4),
+                                  ("--seq-models", "seq_models", ["R32_C10"]),
+                                  ("--seq-batches", "seq_batches", [1, 4]),
+                                  ("--seq-images", "seq_images", 4)):
             if flag not in given:
                 setattr(args, dest, value)
     _validate(p, args)
@@ -318,7 +414,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in args.models + args.eval_models + [args.cl_model]:
+    for name in args.models + args.eval_models + [args.cl_model] + args.seq_models:
         try:
             get_spec(name)
         except ValueError as err:
@@ -335,12 +431,12 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if not 0 <= int(value) <= k:
             p.error(f"--keep {name}: N must be in [0, {k}] (K of {name}), got {value}")
         keep[name] = int(value)
-    for name in args.models + args.eval_models:
+    for name in args.models + args.eval_models + args.seq_models:
         if name not in keep:
             p.error(f"no default keep count for {name}; pass --keep {name}=N")
     args.keep_counts = keep
     for flag in ("repeats", "eval_repeats", "cl_repeats", "single_images", "eval_images",
-                 "eval_batch", "cl_batch"):
+                 "eval_batch", "cl_batch", "seq_images"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.warmup < 0:
@@ -349,6 +445,8 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--min-time must be >= 0, got {args.min_time}")
     if args.min_time > 0 and args.warmup < 1:
         p.error("--min-time needs at least one --warmup round to size the samples")
+    if min(args.seq_batches) < 1:
+        p.error(f"--seq-batches must be at least 1, got {args.seq_batches}")
     if args.batch_sizes is not None and min(args.batch_sizes) < 1:
         p.error(f"--batch-sizes must be at least 1, got {args.batch_sizes}")
     if args.threads is not None and args.threads < 1:
@@ -431,6 +529,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"greedy keeps {r['greedy_blocks']:.1f} blocks, sampled {r['sampled_blocks']:.1f}:"
               f" masked {sps['masked']:.3f} steps/s, forward_policies {sps['dynamic']:.3f} "
               f"steps/s, speedup {r['speedup']:.2f}x")
+    if "seq" in args.parts:
+        rows = []
+        for name in args.seq_models:
+            for batch in args.seq_batches:
+                rows.append(bench_seq(name, batch, args.keep_counts[name], args.repeats,
+                                      args.warmup, device, args.seed, args.min_time,
+                                      args.seq_images))
+                print(format_seq(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        result["seq"] = rows
+        print("Table 2, BlockDrop vs BlockDrop-seq, greedy decisions, networks included "
+              f"(median of {args.repeats}):\n" + format_seq(rows) + "\n")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -13,7 +13,7 @@ from scripts.benchmark import calibrate_agent, main, random_policies
 TINY = ["--quick", "--models", "R32_C10", "--batch-sizes", "1", "3", "--repeats", "1",
         "--warmup", "0", "--single-images", "2", "--eval-models", "R32_C10",
         "--eval-images", "6", "--eval-batch", "4", "--cl-model", "R32_C10", "--cl-batch", "4",
-        "--cl-repeats", "1"]
+        "--cl-repeats", "1", "--seq-batches", "1", "2", "--seq-images", "2"]
 
 
 def test_quick_run_writes_json(tmp_path, capsys):
@@ -37,6 +37,15 @@ def test_quick_run_writes_json(tmp_path, capsys):
     cl = data["curriculum"]
     assert cl["cl_step"] == 15 and cl["batch"] == 4
     assert set(cl["steps_per_s"]) == {"masked", "dynamic"}
+    assert "BlockDrop-seq" in printed
+    seq = data["seq"]
+    assert [(r["model"], r["batch"], r["seq_batch_mode"]) for r in seq] == [
+        ("R32_C10", 1, "grouped"), ("R32_C10", 2, "grouped")]
+    for r in seq:
+        assert set(r["ms_per_image"]) == {"full", "blockdrop", "seq", "seq_masked",
+                                          "seq_grouped"}
+        assert all(v > 0 for v in r["ms_per_image"].values())
+        assert 0 <= r["blocks_used"]["seq"] <= 15 and r["images"] == 2
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -51,6 +60,8 @@ def test_quick_run_writes_json(tmp_path, capsys):
     (["--eval-images", "0"], "--eval-images must be at least 1"),
     (["--cl-keep-fraction", "1.5"], "--cl-keep-fraction"),
     (["--bf16"], "needs --device cuda"),
+    (["--seq-batches", "0"], "--seq-batches must be at least 1"),
+    (["--seq-models", "R999"], "unknown model 'R999'"),
 ])
 def test_bad_flags_are_rejected(flags, message, capsys):
     with pytest.raises(SystemExit) as exc:
