@@ -1,0 +1,97 @@
+"""Reproduce the paper's tables and figures (BlockDrop, CVPR 2018: Tables 1-4, Figures 3-5).
+
+    python -m scripts.reproduce table3 --released cv/ --data_dir data/ --out results/table3
+    python -m scripts.reproduce table3 --smoke --out /tmp/t3        (generated data, seconds)
+
+The shell scripts ``scripts/<name>.sh`` call this module. Each command writes
+``<out>/<name>.md``, ``<out>/<name>.csv`` and its PNG figures, with the paper's values
+beside ours (``configs/paper_results.yaml``). See docs/reproducing.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from utils.errors import UserError
+
+PROG = "reproduce"
+DATASETS = {"c10": "C10", "c100": "C100"}
+
+
+def common_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("common options")
+    g.add_argument("--data_dir", default=None,
+                   help="dataset folder (default: data/ for CIFAR, data/imagenet/ for ImageNet)")
+    g.add_argument("--out", default=None, help="results folder (default: results/<name>)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--smoke", action="store_true",
+                   help="end-to-end check on generated data with one-epoch schedules")
+    g.add_argument("--force", action="store_true",
+                   help="rerun finished stages and evaluations; replace another command's --out")
+    g.add_argument("--resume", action="store_true", help="continue interrupted training stages")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data-loading workers (default 4; 0 in smoke runs)")
+    g.add_argument("--batch_size", type=int, default=256, help="test.py's batch size")
+    g.add_argument("--cv_root", default=None,
+                   help="folder of the training runs, in the authors' layout (default <out>/cv)")
+    return p
+
+
+def timing_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("wall-clock timing")
+    g.add_argument("--time_batch", type=int, default=1,
+                   help="batch size of the timed forward passes (paper: 1)")
+    g.add_argument("--time_images", type=int, default=None,
+                   help="test images timed (default 256; smoke: 8)")
+    g.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds, median (default 5; smoke: 1)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from scripts.repro import commands
+
+    p = argparse.ArgumentParser(prog=f"python -m scripts.{PROG}", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="name", required=True)
+    parents = [common_parser(), timing_parser()]
+    for name, (help_text, add_args, _run) in commands.COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text,
+                            parents=parents if name != "table2" else [common_parser()])
+        add_args(sp)
+    return p
+
+
+def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag in ("batch_size", "time_batch", "time_images", "repeats"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.workers is not None and args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from scripts.repro import commands
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check(parser, args)
+    try:
+        commands.run(args, argv[1:])
+    except UserError as err:
+        print(f"{args.name}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
