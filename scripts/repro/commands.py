@@ -14,7 +14,8 @@ from scripts.repro.gamma import EvalSettings
 from utils.data import DataError, get_dataset
 from utils.paper import table_meta
 
-DEFAULT_DATA = {"C10": "data/", "C100": "data/", "ImgNet": "data/imagenet/"}
+DEFAULT_DATA = {"cifar10": "data/", "cifar100": "data/", "image_folder": "data/imagenet/"}
+SMOKE_DATA = {"cifar10": smoke.cifar_data, "image_folder": smoke.imagenet_data}
 RUN_CONTROL = ("force", "resume", "workers", "out", "device")  # not part of a command's identity
 
 
@@ -43,7 +44,7 @@ def say(text: str) -> None:
 
 
 def dataset_of(models: Sequence[str]) -> str:
-    kinds = {get_spec(m).dataset for m in models}
+    kinds = {get_spec(m).data.source for m in models}
     if len(kinds) != 1:
         raise DataError(f"the models {', '.join(models)} use different datasets; run them "
                         f"separately")
@@ -65,11 +66,13 @@ def prepare(args: argparse.Namespace, argv: Sequence[str], models: Sequence[str]
     out = args.out or os.path.join("results", args.name)
     identity = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
     outdir.claim(out, args.name, identity, argv, args.force)
-    kind = dataset_of(models) if models else "C10"
+    kind = dataset_of(models) if models else "cifar10"
     if args.smoke:
         torch.set_num_threads(1)  # tiny batches: one thread is faster than two on a busy CPU
-        root = os.path.join(out, "smoke_data")
-        data_dir = smoke.imagenet_data(root) if kind == "ImgNet" else smoke.cifar_data(root)
+        if kind not in SMOKE_DATA:
+            raise DataError(f"no generated data for {kind} models; smoke runs use "
+                            f"{', '.join(SMOKE_DATA)}")
+        data_dir = SMOKE_DATA[kind](os.path.join(out, "smoke_data"))
     else:
         data_dir = args.data_dir or DEFAULT_DATA[kind]
         check_data(models, data_dir, train)

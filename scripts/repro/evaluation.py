@@ -66,6 +66,9 @@ def run_test(request: EvalRequest, json_path: str, log: str, force: bool = False
                 say(f"[skip] test.py {os.path.basename(json_path)}: evaluated before")
                 return _read(json_path)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    for stale in (json_path, meta_path):  # test.py never overwrites: we rerun on purpose
+        if os.path.exists(stale):
+            os.remove(stale)
     say(f"[eval] {request.model} {request.load or '(base ResNet)'}"
         + (f" --policy {request.policy} --k {request.k}" if request.policy else ""))
     error = call_script("test.py", argv, log)
@@ -88,23 +91,23 @@ def _read(path: str) -> Dict[str, Any]:
 def measure_speedup(request: EvalRequest, batch_size: int, images: int, repeats: int,
                     warmup: int = 1) -> Dict[str, float]:
     """Milliseconds per image of the full ResNet and of BlockDrop (policy network, greedy
-    policy, ``forward_dynamic``) on the first ``images`` test images in batches of
-    ``batch_size``; ``speedup`` = 1 − BlockDrop time / full time, in percent."""
+    policy, dynamic execution: ``PolicySource.run``) on the first ``images`` test images in
+    batches of ``batch_size``; ``speedup`` = 1 − BlockDrop time / full time, in percent."""
     from models import get_spec
-    from utils.benchmark import Clock, time_interleaved
+    from models.sources import build_source
+    from scripts.benchmark import Clock, time_interleaved
     from utils.checkpoint import load_for_eval
     from utils.data import get_dataset
-    from utils.rewards import greedy_policy
 
     spec = get_spec(request.model)
     device = torch.device(request.device)
     rnet, agent = load_for_eval(spec, request.load, request.base_ckpt, log=lambda _m: None)
     rnet.to(device).eval()
-    agent.to(device).eval()
+    source = build_source("blockdrop", spec, agent=agent).to(device).eval()
     testset = get_dataset(spec, request.data_dir, train=False)
     n = min(images, len(testset))
-    x = torch.stack([testset[i][0] for i in range(n)]).to(device)
-    batches = list(torch.split(x, batch_size))
+    batches = list(torch.split(torch.stack([testset[i][0] for i in range(n)]).to(device),
+                               batch_size))
 
     def full():
         for b in batches:
@@ -112,7 +115,7 @@ def measure_speedup(request: EvalRequest, batch_size: int, images: int, repeats:
 
     def blockdrop():
         for b in batches:
-            rnet.forward_dynamic(b, greedy_policy(agent(b)[0]))
+            source.run(rnet, b, dynamic=True)
 
     with torch.inference_mode():
         med = time_interleaved({"full": full, "blockdrop": blockdrop}, repeats, warmup,
