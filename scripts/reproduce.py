@@ -61,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="name", required=True)
     parents = [common_parser(), timing_parser()]
     for name, (help_text, add_args, _run) in commands.COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text,
-                            parents=parents if name != "table2" else [common_parser()])
+        sp = sub.add_parser(name, help=help_text, description=help_text, parents=parents)
         add_args(sp)
     return p
 

@@ -234,3 +234,26 @@ def pick_classes(labels: np.ndarray, limit: int, wanted: Optional[Sequence[int]]
     if wanted:
         return [int(c) for c in wanted]
     return present[:limit]
+
+
+def ours_vs_paper_bars(groups: Sequence[str], ours: Sequence[Optional[float]],
+                       paper: Sequence[Optional[float]], ylabel: str, title: str,
+                       ours_err: Optional[Sequence[Optional[float]]] = None) -> Figure:
+    """Paired bars per group (a table row): our value beside the paper's (hatched)."""
+    x = np.arange(len(groups))
+    nan = float("nan")
+
+    def clean(values):
+        return [nan if v is None else float(v) for v in values]
+    err = None if ours_err is None else [0.0 if e is None else float(e) for e in ours_err]
+    fig = new_figure(max(6.5, 0.75 * len(groups) + 2), 4.5)
+    ax = fig.add_subplot()
+    ax.bar(x - 0.2, clean(ours), 0.4, yerr=err, capsize=3, color="#4C72B0", label="ours")
+    ax.bar(x + 0.2, clean(paper), 0.4, color="white", edgecolor="#C44E52", hatch="//",
+           label="paper")
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=9)
+    return fig

@@ -174,7 +174,44 @@ def _run_figures(args, argv):
     run_figures(args, argv)
 
 
+def _add_table1_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=("c10", "c100"), default="c10",
+                   help="CIFAR-10 (default models R32_C10 R110_C10) or CIFAR-100 (R32_C100 "
+                        "R110_C100)")
+    p.add_argument("--models", nargs="+", default=None, help="models (default: by --dataset)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="γ of the BlockDrop model (default: the paper's, R32 5, R110 10; "
+                        "else 5)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="RandomK seeds (default 0 1 2; smoke 0 1)")
+    p.add_argument("--released", metavar="CV_DIR", default=None,
+                   help="take the base, curriculum and finetuned BlockDrop checkpoints from "
+                        "CV_DIR (the authors' layout); the fixed-policy finetunings are trained")
+    p.add_argument("--base_ckpt", default=None, help="base ResNet to use")
+
+
+def _run_table1(args, argv):
+    from scripts.repro.table1 import run_table1
+    run_table1(args, argv)
+
+
+def _add_table2_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", default=None,
+                   help="models (default: R32_C10 R110_C10)")
+    p.add_argument("--keep", nargs="+", default=None, metavar="MODEL=N",
+                   help="blocks kept per image (default: the paper's finetuned usage)")
+
+
+def _run_table2(args, argv):
+    from scripts.repro.table2 import run_table2
+    run_table2(args, argv)
+
+
 COMMANDS: Dict[str, Any] = {
+    "table1": ("Table 1: BlockDrop vs FirstK/RandomK/DistributeK before and after finetuning",
+               _add_table1_args, _run_table1),
+    "table2": ("Table 2: time per image of the full ResNet, BlockDrop and BlockDrop-seq",
+               _add_table2_args, _run_table2),
     "table3": ("Table 3 (supplement Table 1): CIFAR-10 BlockDrop per γ vs the full ResNets",
                _add_gamma_table_args(("R32_C10", "R110_C10")), _run_table3),
     "table4": ("Table 4 (supplement Table 2): ImageNet BlockDrop (ResNet-101) per γ",

@@ -1,0 +1,98 @@
+"""Table 2: time per image of the full ResNet, BlockDrop and BlockDrop-seq (paper Sec. 4.3).
+
+The timing is the benchmark's own (``scripts.benchmark.bench_seq``: the engine's forward
+paths, interleaved, median of ``--repeats``, CUDA events on a GPU), at batch 1 (the paper's
+setting) and at ``--time_batch``. Both policies are calibrated to keep the blocks that the
+paper's model of that depth keeps (``--keep``: Table 3's usage after finetuning).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from scripts.repro.commands import model_list, preamble, prepare
+from utils.figures import ours_vs_paper_bars, save
+from utils.paper import paper_row, table_meta
+from utils.report import Label, Metric, Table, write_table
+
+METHODS = (("full", "Full ResNet"), ("blockdrop", "BlockDrop (single-step)"),
+           ("seq", "BlockDrop-seq"))
+COLUMNS = (Label("model", "model"), Label("batch", "batch"), Label("method", "method"),
+           Metric("blocks", "blocks used", ".1f", paper=False),
+           Metric("ms", "time (ms/img)", ".3f"), Metric("speedup", "speed-up (%)", ".1f"))
+
+
+def default_keep(model: str) -> int:
+    """Blocks kept per image: the paper's finetuned usage for the model, rounded."""
+    row = paper_row("table1", model=model, method="blockdrop")
+    return max(1, round(row["k_ft"])) if row else 1
+
+
+def timings(args: argparse.Namespace, model: str, batch: int, keep: int) -> Dict[str, Any]:
+    from scripts.benchmark import bench_seq
+
+    return bench_seq(model, batch, keep, args.repeats, 1, torch.device(args.device),
+                     images=args.time_images)
+
+
+def rows_of(result: Dict[str, Any], model: str, batch: int) -> List[Dict[str, Any]]:
+    ms = result["ms_per_image"]
+    used = result.get("blocks_used", {})
+    out = []
+    for key, label in METHODS:
+        paper = paper_row("table2", model=model, method=key) if batch == 1 else None
+        out.append({"labels": {"model": model, "batch": str(batch), "method": label},
+                    "ours": {"blocks": used.get(key, result["num_blocks"] if key == "full"
+                                                else None),
+                             "ms": ms[key],
+                             "speedup": None if key == "full" else
+                             100.0 * (1.0 - ms[key] / ms["full"])},
+                    "paper": {"ms": paper["ms"], "speedup": paper["speedup"]} if paper else {}})
+    return out
+
+
+def run_table2(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    models = model_list(args.models, ("R32_C10",) if args.smoke else ("R32_C10", "R110_C10"))
+    if args.smoke:
+        args.repeats = args.repeats or 1
+        args.time_images = args.time_images or 2
+    args.repeats = args.repeats or 5
+    args.time_images = args.time_images or 64
+    ctx = prepare(args, argv, [], train=False)
+    batches = sorted({1, args.time_batch})
+    table = Table(f"Table 2: time per image, {args.device}", COLUMNS)
+    raw = []
+    for model in models:
+        keep = dict(k.split("=") for k in args.keep).get(model) if args.keep else None
+        keep = int(keep) if keep else default_keep(model)
+        for batch in batches:
+            ctx.say(f"[time] {model} batch {batch}, {keep} blocks kept")
+            result = timings(args, model, batch, keep)
+            raw.append(result)
+            for row in rows_of(result, model, batch):
+                table.add(row["labels"], row["ours"], row["paper"])
+    meta = table_meta("table2")
+    table.notes = ([f"SMOKE RUN: {args.time_images} images, {args.repeats} repeat(s); timings "
+                    f"are noise."] if args.smoke else []) + [
+        f"Ours: {args.device}, {torch.get_num_threads()} CPU thread(s), median of "
+        f"{args.repeats} interleaved rounds over {args.time_images} random images per batch "
+        f"size (scripts.benchmark.bench_seq); policies of both variants calibrated to keep "
+        f"about the paper's blocks per image (random weights: time, not accuracy).",
+        f"Paper: batch {meta.get('batch_size')}, {meta.get('device')}. Speed-up = 1 − time / "
+        f"full-ResNet time (negative: slower). Δ = ours − paper."]
+    md, csv = write_table(table, ctx.out, "table2", preamble(ctx, "table2"))
+    with open(os.path.join(ctx.out, "table2_raw.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    groups = [f"{r.labels['model']} b{r.labels['batch']}\n{r.labels['method']}"
+              for r in table.rows]
+    png = save(ours_vs_paper_bars(groups, [r.ours.get("ms") for r in table.rows],
+                                  [r.paper.get("ms") for r in table.rows], "ms per image",
+                                  f"Table 2: time per image ({args.device} vs the paper's "
+                                  f"{meta.get('device')})"),
+               os.path.join(ctx.out, "table2_times.png"))
+    ctx.say(table.markdown())
+    ctx.say(f"wrote {md}, {csv}, {png}")
