@@ -131,7 +131,7 @@ def test_table3_released_equals_test_py(tmp_path, capsys):
     assert [r["network"].split(" ")[0] for r in rows] == ["ResNet-32", "BlockDrop-32",
                                                           "BlockDrop-32"]
     assert [r["gamma"] for r in rows] == ["–", "5", "10"]
-    for row, g in zip(rows[1:], (5, 10)):
+    for row, g in zip(rows[1:], (5, 10), strict=False):
         ckpt = next((cv / "finetuned" / f"R32_C10_gamma_{g}").glob("ckpt_*.t7"))
         ref = tmp_path / f"ref{g}.json"
         test_script.main(["--model", "R32_C10", "--data_dir", data, "--load", str(ckpt),

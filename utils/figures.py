@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 ImageFn = Callable[[int], np.ndarray]  # image index -> (H, W, 3) uint8
 STAGE_COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
-POINT_STYLES: Dict[str, dict] = {  # Figure 3 markers by kind of point
+POINT_STYLES: dict[str, dict] = {  # Figure 3 markers by kind of point
     "ours": dict(marker="o", color="#1f77b4", markersize=7, capsize=4, linestyle="none"),
     "full": dict(marker="s", color="black", markersize=7, capsize=0, linestyle="none"),
     "paper": dict(marker="*", color="#d62728", markersize=11, capsize=3, linestyle="none",
@@ -139,7 +139,7 @@ def flops_vs_accuracy(points: Sequence[Point], title: str) -> Figure:
     return fig
 
 
-def _montage(images: List[np.ndarray], cols: int, pad: int = 2) -> np.ndarray:
+def _montage(images: list[np.ndarray], cols: int, pad: int = 2) -> np.ndarray:
     """Images (same size) in a grid of ``cols`` columns on a white background."""
     h, w = images[0].shape[:2]
     rows = max(1, -(-len(images) // cols))
@@ -227,8 +227,8 @@ def fewest_most_blocks(image: ImageFn, labels: np.ndarray, usage: np.ndarray,
     return fig
 
 
-def pick_classes(labels: np.ndarray, limit: int, wanted: Optional[Sequence[int]] = None
-                 ) -> List[int]:
+def pick_classes(labels: np.ndarray, limit: int, wanted: Sequence[int] | None = None
+                 ) -> list[int]:
     """``wanted`` classes, or the first ``limit`` classes present in ``labels``."""
     present = [int(c) for c in np.unique(np.asarray(labels))]
     if wanted:
@@ -236,9 +236,9 @@ def pick_classes(labels: np.ndarray, limit: int, wanted: Optional[Sequence[int]]
     return present[:limit]
 
 
-def ours_vs_paper_bars(groups: Sequence[str], ours: Sequence[Optional[float]],
-                       paper: Sequence[Optional[float]], ylabel: str, title: str,
-                       ours_err: Optional[Sequence[Optional[float]]] = None) -> Figure:
+def ours_vs_paper_bars(groups: Sequence[str], ours: Sequence[float | None],
+                       paper: Sequence[float | None], ylabel: str, title: str,
+                       ours_err: Sequence[float | None] | None = None) -> Figure:
     """Paired bars per group (a table row): our value beside the paper's (hatched)."""
     x = np.arange(len(groups))
     nan = float("nan")

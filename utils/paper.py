@@ -7,7 +7,7 @@ file's keys (``model``, ``method``, ``gamma``, ``accuracy``, ...); look them up 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import yaml
 
@@ -21,7 +21,7 @@ class PaperResultsError(UserError, ValueError):
     """The paper-results file is missing or lacks an expected table."""
 
 
-def load_paper_results(path: str = PAPER_RESULTS) -> Dict[str, Any]:
+def load_paper_results(path: str = PAPER_RESULTS) -> dict[str, Any]:
     """Every table of the paper-results file, as read from YAML."""
     if not os.path.isfile(path):
         raise PaperResultsError(f"paper results not found: {path}")
@@ -32,8 +32,8 @@ def load_paper_results(path: str = PAPER_RESULTS) -> Dict[str, Any]:
     return data
 
 
-def paper_rows(table: str, results: Optional[Dict[str, Any]] = None,
-               **match: Any) -> List[Dict[str, Any]]:
+def paper_rows(table: str, results: dict[str, Any] | None = None,
+               **match: Any) -> list[dict[str, Any]]:
     """The rows of ``table`` whose fields equal every ``match`` value (all rows without one)."""
     results = load_paper_results() if results is None else results
     if table not in results:
@@ -44,8 +44,8 @@ def paper_rows(table: str, results: Optional[Dict[str, Any]] = None,
     return [dict(r) for r in rows if all(r.get(k) == v for k, v in match.items())]
 
 
-def paper_row(table: str, results: Optional[Dict[str, Any]] = None,
-              **match: Any) -> Optional[Dict[str, Any]]:
+def paper_row(table: str, results: dict[str, Any] | None = None,
+              **match: Any) -> dict[str, Any] | None:
     """The one row of ``table`` matching ``match``, or None when the paper has none."""
     rows = paper_rows(table, results, **match)
     if len(rows) > 1:
@@ -53,7 +53,7 @@ def paper_row(table: str, results: Optional[Dict[str, Any]] = None,
     return rows[0] if rows else None
 
 
-def table_meta(table: str, results: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def table_meta(table: str, results: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fields of ``table`` other than its rows (caption, device, batch size...)."""
     results = load_paper_results() if results is None else results
     body = results.get(table, {})

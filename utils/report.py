@@ -12,7 +12,8 @@ import csv
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
+from collections.abc import Sequence
 
 MISSING = "–"
 
@@ -39,19 +40,19 @@ class Metric:
 
 @dataclass
 class Row:
-    labels: Dict[str, str]
-    ours: Dict[str, Optional[float]] = field(default_factory=dict)  # key, key_std
-    paper: Dict[str, Optional[float]] = field(default_factory=dict)
+    labels: dict[str, str]
+    ours: dict[str, float | None] = field(default_factory=dict)  # key, key_std
+    paper: dict[str, float | None] = field(default_factory=dict)
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     if value is None:
         return None
     value = float(value)
     return None if math.isnan(value) else value
 
 
-def format_value(value: Optional[float], fmt: str, std: Optional[float] = None) -> str:
+def format_value(value: float | None, fmt: str, std: float | None = None) -> str:
     """``value`` in ``fmt`` (``–`` when absent), with ``± std`` when a std is given."""
     value = _number(value)
     if value is None:
@@ -61,7 +62,7 @@ def format_value(value: Optional[float], fmt: str, std: Optional[float] = None) 
     return text if std is None else f"{text} ± {format(std, fmt)}"
 
 
-def difference(ours: Optional[float], paper: Optional[float]) -> Optional[float]:
+def difference(ours: float | None, paper: float | None) -> float | None:
     ours, paper = _number(ours), _number(paper)
     return None if ours is None or paper is None else ours - paper
 
@@ -72,23 +73,23 @@ class Table:
 
     title: str
     columns: Sequence[Any]  # Label and Metric
-    rows: List[Row] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    def add(self, labels: Dict[str, str], ours: Dict[str, Any],
-            paper: Optional[Dict[str, Any]] = None) -> Row:
+    def add(self, labels: dict[str, str], ours: dict[str, Any],
+            paper: dict[str, Any] | None = None) -> Row:
         row = Row(dict(labels), {k: _number(v) for k, v in ours.items()},
                   {k: _number(v) for k, v in (paper or {}).items()})
         self.rows.append(row)
         return row
 
-    def _metrics(self) -> List[Metric]:
+    def _metrics(self) -> list[Metric]:
         return [c for c in self.columns if isinstance(c, Metric)]
 
     def _compared(self, metric: Metric) -> bool:
         return metric.paper and any(r.paper.get(metric.key) is not None for r in self.rows)
 
-    def headers(self) -> List[str]:
+    def headers(self) -> list[str]:
         out = []
         for col in self.columns:
             if isinstance(col, Label):
@@ -99,7 +100,7 @@ class Table:
                 out.append(col.header)
         return out
 
-    def _cells(self, row: Row) -> List[str]:
+    def _cells(self, row: Row) -> list[str]:
         out = []
         for col in self.columns:
             if isinstance(col, Label):
@@ -129,7 +130,7 @@ class Table:
     def _label_count(self) -> int:
         return sum(isinstance(c, Label) for c in self.columns)
 
-    def csv_header(self) -> List[str]:
+    def csv_header(self) -> list[str]:
         out = [c.key for c in self.columns if isinstance(c, Label)]
         for m in self._metrics():
             keys = [m.key] + ([m.key + "_std"] if m.std else [])
@@ -138,10 +139,10 @@ class Table:
                 out += ["paper_" + k for k in keys] + ["diff_" + m.key]
         return out
 
-    def csv_records(self) -> List[Dict[str, Any]]:
+    def csv_records(self) -> list[dict[str, Any]]:
         records = []
         for row in self.rows:
-            rec: Dict[str, Any] = {c.key: row.labels.get(c.key, "")
+            rec: dict[str, Any] = {c.key: row.labels.get(c.key, "")
                                    for c in self.columns if isinstance(c, Label)}
             for m in self._metrics():
                 keys = [m.key] + ([m.key + "_std"] if m.std else [])
@@ -154,7 +155,7 @@ class Table:
 
 
 def write_table(table: Table, out_dir: str, name: str, preamble: Sequence[str] = ()
-                ) -> Tuple[str, str]:
+                ) -> tuple[str, str]:
     """Write ``<out_dir>/<name>.md`` (title, ``preamble`` lines, table) and ``<name>.csv``."""
     os.makedirs(out_dir, exist_ok=True)
     md_path, csv_path = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("md", "csv"))

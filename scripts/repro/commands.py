@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,7 +31,7 @@ class Context:
     evals: EvalSettings
     say: Callable[[str], None]
 
-    def plan(self, policy_init: Optional[str] = None) -> pipeline.Plan:
+    def plan(self, policy_init: str | None = None) -> pipeline.Plan:
         a = self.args
         return pipeline.Plan(
             cv_root=a.cv_root or os.path.join(self.out, "cv"), data_dir=self.data_dir,
@@ -86,7 +87,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str], models: Sequence[str]
     return Context(args, out, data_dir, workers, evals, say)
 
 
-def preamble(ctx: Context, table: str) -> List[str]:
+def preamble(ctx: Context, table: str) -> list[str]:
     lines = []
     caption = table_meta(table).get("caption") if table else None
     if caption:
@@ -100,7 +101,7 @@ def preamble(ctx: Context, table: str) -> List[str]:
     return lines
 
 
-def model_list(values: Optional[Sequence[str]], default: Sequence[str]) -> List[str]:
+def model_list(values: Sequence[str] | None, default: Sequence[str]) -> list[str]:
     models = list(values or default)
     for m in models:
         get_spec(m)  # unknown names raise ValueError listing the valid ones
@@ -207,7 +208,7 @@ def _run_table2(args, argv):
     run_table2(args, argv)
 
 
-COMMANDS: Dict[str, Any] = {
+COMMANDS: dict[str, Any] = {
     "table1": ("Table 1: BlockDrop vs FirstK/RandomK/DistributeK before and after finetuning",
                _add_table1_args, _run_table1),
     "table2": ("Table 2: time per image of the full ResNet, BlockDrop and BlockDrop-seq",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -25,17 +25,17 @@ class EvalRequest:
     kept) and, from helper C's test.py, an optional fixed policy source."""
 
     model: str
-    load: Optional[str]
-    base_ckpt: Optional[str]
+    load: str | None
+    base_ckpt: str | None
     data_dir: str
     batch_size: int = 256
     device: str = "cpu"
     workers: int = 0
-    policy: Optional[str] = None  # firstk, randomk, distributek (None: the checkpoint's policy)
-    k: Optional[int] = None
-    seed: Optional[int] = None
+    policy: str | None = None  # firstk, randomk, distributek (None: the checkpoint's policy)
+    k: int | None = None
+    seed: int | None = None
 
-    def argv(self) -> List[str]:
+    def argv(self) -> list[str]:
         out = ["--model", self.model, "--data_dir", self.data_dir,
                "--batch_size", str(self.batch_size), "--device", self.device,
                "--workers", str(self.workers)]
@@ -46,7 +46,7 @@ class EvalRequest:
         return out
 
 
-def _fingerprint(path: Optional[str]) -> Optional[List[int]]:
+def _fingerprint(path: str | None) -> list[int] | None:
     if path is None or not os.path.isfile(path):
         return None
     st = os.stat(path)
@@ -54,7 +54,7 @@ def _fingerprint(path: Optional[str]) -> Optional[List[int]]:
 
 
 def run_test(request: EvalRequest, json_path: str, log: str, force: bool = False,
-             say=print) -> Dict[str, Any]:
+             say=print) -> dict[str, Any]:
     """test.py's numbers for ``request`` (its ``--out`` JSON), computed or reused."""
     meta_path = json_path + ".cmd"
     argv = request.argv() + ["--out", json_path]
@@ -83,13 +83,13 @@ def run_test(request: EvalRequest, json_path: str, log: str, force: bool = False
     return _read(json_path)
 
 
-def _read(path: str) -> Dict[str, Any]:
+def _read(path: str) -> dict[str, Any]:
     with open(path) as f:
         return json.load(f)
 
 
 def measure_speedup(request: EvalRequest, batch_size: int, images: int, repeats: int,
-                    warmup: int = 1) -> Dict[str, float]:
+                    warmup: int = 1) -> dict[str, float]:
     """Milliseconds per image of the full ResNet and of BlockDrop (policy network, greedy
     policy, dynamic execution: ``PolicySource.run``) on the first ``images`` test images in
     batches of ``batch_size``; ``speedup`` = 1 − BlockDrop time / full time, in percent."""

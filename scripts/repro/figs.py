@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from utils.report import Label, Metric, Table, write_table
 
 SUMMARY = (Label("network", "network"), Label("gamma", "γ"),
            Metric("accuracy", "accuracy (%)", ".2f"), Metric("usage", "blocks", ".2f", std=True),
-           Metric("flops", "FLOPs/img", ".2E", std=True), Metric("unique", "unique policies", ".0f"))
+           Metric("flops", "FLOPs/img", ".2E", std=True),
+           Metric("unique", "unique policies", ".0f"))
 BY_BLOCKS = (Label("blocks", "blocks used"), Metric("images", "images", ".0f", paper=False),
              Metric("accuracy", "accuracy (%)", ".2f", paper=False))
 

@@ -12,7 +12,8 @@ import hashlib
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from models import get_spec
 from scripts.repro.evaluation import EvalRequest, measure_speedup, run_test
@@ -56,20 +57,20 @@ class Evaluated:
     """test.py's JSON (and the timing) of one model: a finetuned checkpoint or a full ResNet."""
 
     model: str
-    gamma: Optional[float]
-    checkpoint: Optional[str]
-    result: Dict[str, Any]
-    timing: Optional[Dict[str, float]] = None
+    gamma: float | None
+    checkpoint: str | None
+    result: dict[str, Any]
+    timing: dict[str, float] | None = None
     label: str = ""
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _request(s: EvalSettings, model: str, load: Optional[str], base: Optional[str]
+def _request(s: EvalSettings, model: str, load: str | None, base: str | None
              ) -> EvalRequest:
     return EvalRequest(model, load, base, s.data_dir, s.batch_size, s.device, s.workers)
 
 
-def _tag(model: str, gamma: Optional[float], checkpoint: Optional[str] = None) -> str:
+def _tag(model: str, gamma: float | None, checkpoint: str | None = None) -> str:
     """A file name for an evaluation: model, γ and a short hash of the checkpoint path."""
     tag = model if gamma is None else f"{model}_gamma_{gamma_text(gamma)}"
     if checkpoint:
@@ -77,7 +78,7 @@ def _tag(model: str, gamma: Optional[float], checkpoint: Optional[str] = None) -
     return tag
 
 
-def evaluate_finetuned(s: EvalSettings, item: Finetuned, base: Optional[str] = None
+def evaluate_finetuned(s: EvalSettings, item: Finetuned, base: str | None = None
                        ) -> Evaluated:
     """test.py's numbers and the measured speed-up of one finetuned checkpoint."""
     req = _request(s, item.model, item.checkpoint, base)
@@ -106,7 +107,7 @@ def network_name(model: str) -> str:
     return f"ResNet-{depth(model)}"
 
 
-def _ours(e: Evaluated) -> Dict[str, Any]:
+def _ours(e: Evaluated) -> dict[str, Any]:
     r = e.result
     return {"flops": r["flops_mean"], "flops_std": r["flops_std"],
             "usage": r["block_usage_mean"], "usage_std": r["block_usage_std"],
@@ -117,7 +118,7 @@ def _ours(e: Evaluated) -> Dict[str, Any]:
             "unique": r["unique_policies"]}
 
 
-def _paper(table: Optional[str], model: str, gamma: Optional[float]) -> Dict[str, Any]:
+def _paper(table: str | None, model: str, gamma: float | None) -> dict[str, Any]:
     if table is None:
         return {}
     blocks = get_spec(model).num_blocks if gamma is None else None
@@ -135,8 +136,8 @@ def _paper(table: Optional[str], model: str, gamma: Optional[float]) -> Dict[str
     return out
 
 
-def full_row(model: str, full: Optional[Evaluated], timed: Sequence[Evaluated]
-             ) -> Dict[str, Any]:
+def full_row(model: str, full: Evaluated | None, timed: Sequence[Evaluated]
+             ) -> dict[str, Any]:
     """Our full-ResNet values: analytic FLOPs, every block, test.py's accuracy."""
     k = get_spec(model).num_blocks
     ms = [e.timing["ms_full"] for e in timed if e.timing and e.model == model]
@@ -146,7 +147,7 @@ def full_row(model: str, full: Optional[Evaluated], timed: Sequence[Evaluated]
 
 
 def gamma_table(title: str, models: Sequence[str], evals: Sequence[Evaluated],
-                fulls: Dict[str, Optional[Evaluated]], paper_table: Optional[str]) -> Table:
+                fulls: dict[str, Evaluated | None], paper_table: str | None) -> Table:
     """Full ResNets first (with the paper's other full rows of the table), then BlockDrop
     per model and γ."""
     table = Table(title, COLUMNS)
@@ -165,7 +166,7 @@ def gamma_table(title: str, models: Sequence[str], evals: Sequence[Evaluated],
     return table
 
 
-def notes(s: EvalSettings, evals: Sequence[Evaluated], smoke: bool) -> List[str]:
+def notes(s: EvalSettings, evals: Sequence[Evaluated], smoke: bool) -> list[str]:
     out = []
     if smoke:
         out.append("SMOKE RUN: generated data and one-epoch schedules; the numbers only show "
@@ -186,8 +187,8 @@ def notes(s: EvalSettings, evals: Sequence[Evaluated], smoke: bool) -> List[str]
 
 
 def figure3_points(models: Sequence[str], evals: Sequence[Evaluated],
-                   fulls: Dict[str, Optional[Evaluated]], paper_table: Optional[str]
-                   ) -> List[Point]:
+                   fulls: dict[str, Evaluated | None], paper_table: str | None
+                   ) -> list[Point]:
     """Ours (per γ), our full ResNets, and the paper's points from its table."""
     several = len(models) > 1
     points = []

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from typing import Any, Dict, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from utils.errors import UserError
 
@@ -16,7 +17,7 @@ class OutDirError(UserError, RuntimeError):
     """The --out folder holds results of another command."""
 
 
-def claim(out: str, script: str, settings: Dict[str, Any], argv: Sequence[str],
+def claim(out: str, script: str, settings: dict[str, Any], argv: Sequence[str],
           force: bool) -> None:
     """Make ``out`` this command's folder. ``settings`` are the options that decide the
     results; a folder written with other settings (or by hand) needs ``force``."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any
+from collections.abc import Iterable
 
 from models import get_spec
 from scripts.repro.released import gamma_text
@@ -20,7 +21,7 @@ from scripts.repro.stages import StageError, StageRun, make_stage, run_stage
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
-SMOKE_SCHEDULES: Dict[str, Dict[str, Any]] = {  # script -> tiny schedule
+SMOKE_SCHEDULES: dict[str, dict[str, Any]] = {  # script -> tiny schedule
     "pretrain_resnet.py": {"epochs": 1, "batch_size": 16, "milestones": [1], "lr": 0.02,
                            "test_every": 1},
     "cl_training.py": {"max_epochs": 1, "batch_size": 16},
@@ -40,8 +41,8 @@ class Plan:
     smoke: bool = False
     resume: bool = False
     force: bool = False
-    base_ckpt: Optional[str] = None  # a base ResNet to use instead of pretraining one
-    policy_init: Optional[str] = None  # cl_training.py --policy_init (ImageNet)
+    base_ckpt: str | None = None  # a base ResNet to use instead of pretraining one
+    policy_init: str | None = None  # cl_training.py --policy_init (ImageNet)
     say: Any = print
 
 
@@ -64,7 +65,7 @@ def finetune_config(model: str, gamma: float) -> str:
     return others[0]
 
 
-def _common(plan: Plan, model: str, script: str, cv_dir: str) -> Dict[str, Any]:
+def _common(plan: Plan, model: str, script: str, cv_dir: str) -> dict[str, Any]:
     opts = {"model": model, "data_dir": plan.data_dir, "cv_dir": cv_dir,
             "device": plan.device, "workers": plan.workers, "no_progress": True}
     if plan.smoke:
@@ -107,8 +108,8 @@ def curriculum(plan: Plan, model: str, base: str) -> str:
                                  _log(plan, name)))
 
 
-def finetune(plan: Plan, model: str, gamma: float, base: str, pretrained: Optional[str],
-             fixed: Optional[Dict[str, Any]] = None) -> str:
+def finetune(plan: Plan, model: str, gamma: float, base: str, pretrained: str | None,
+             fixed: dict[str, Any] | None = None) -> str:
     """Joint finetuning at γ from the curriculum policy, or (``fixed``: ``policy``, ``k``,
     ``seed``) finetuning of the ResNet under a fixed policy (Table 1's "ft" rows)."""
     if fixed:
@@ -127,7 +128,7 @@ def finetune(plan: Plan, model: str, gamma: float, base: str, pretrained: Option
                                  _log(plan, name)))
 
 
-def blockdrop(plan: Plan, model: str, gammas: Iterable[float]) -> Dict[str, Any]:
+def blockdrop(plan: Plan, model: str, gammas: Iterable[float]) -> dict[str, Any]:
     """Every stage of BlockDrop for ``model``: base, curriculum, finetuning per γ.
     Returns ``{"base", "curriculum", "finetuned": {γ: checkpoint}}``."""
     base = base_network(plan, model)
@@ -136,7 +137,7 @@ def blockdrop(plan: Plan, model: str, gammas: Iterable[float]) -> Dict[str, Any]
     return {"base": base, "curriculum": cl, "finetuned": tuned}
 
 
-def default_gammas(model: str) -> List[float]:
+def default_gammas(model: str) -> list[float]:
     """The γ of the model's finetuning configs (``configs/finetune/<model>_gamma<γ>.yaml``)."""
     out = []
     for path in glob.glob(os.path.join(CONFIGS, "finetune", f"{model}_gamma*.yaml")):

@@ -12,7 +12,7 @@ import glob
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from collections.abc import Iterable
 
 from models import get_spec
 from scripts.repro.stages import checkpoint_epoch, newest_checkpoint
@@ -36,7 +36,7 @@ class Finetuned:
     checkpoint: str
 
 
-def gamma_text(gamma: Optional[float]) -> str:
+def gamma_text(gamma: float | None) -> str:
     if gamma is None:
         return "–"
     return str(int(gamma)) if float(gamma).is_integer() else str(gamma)
@@ -49,7 +49,7 @@ def parse_run_name(name: str):
 
 
 def find_finetuned(cv_dir: str, models: Iterable[str],
-                   gammas: Optional[Iterable[float]] = None) -> List[Finetuned]:
+                   gammas: Iterable[float] | None = None) -> list[Finetuned]:
     """The newest finetuned checkpoint of every ``<model>_gamma_<γ>`` folder under
     ``cv_dir/finetuned`` for ``models`` (and ``gammas`` when given), by model then γ."""
     models = list(models)
@@ -67,8 +67,8 @@ def find_finetuned(cv_dir: str, models: Iterable[str],
     return sorted(found, key=lambda f: (models.index(f.model), f.gamma))
 
 
-def require_finetuned(cv_dir: str, models: List[str],
-                      gammas: Optional[Iterable[float]] = None) -> List[Finetuned]:
+def require_finetuned(cv_dir: str, models: list[str],
+                      gammas: Iterable[float] | None = None) -> list[Finetuned]:
     """:func:`find_finetuned`, or one line saying what was looked for, where, and the layout."""
     if not os.path.isdir(cv_dir):
         raise NotFoundError(f"--released {cv_dir}: no such folder; expected the authors' "
@@ -84,7 +84,7 @@ def require_finetuned(cv_dir: str, models: List[str],
     return found
 
 
-def base_checkpoint(cv_dir: str, model: str) -> Optional[str]:
+def base_checkpoint(cv_dir: str, model: str) -> str | None:
     """The model's pretrained base ResNet under ``cv_dir`` (the default file name, else the
     newest ``pk_E_*`` in its folder), or None."""
     default = get_spec(model).base_checkpoint  # cv/pretrained/<model>/<file>
@@ -95,7 +95,7 @@ def base_checkpoint(cv_dir: str, model: str) -> Optional[str]:
     return newest_checkpoint(os.path.dirname(path), "pk")
 
 
-def curriculum_checkpoint(cv_dir: str, model: str) -> Optional[str]:
+def curriculum_checkpoint(cv_dir: str, model: str) -> str | None:
     """The newest curriculum checkpoint of ``model`` under ``cv_dir`` (either folder name)."""
     found = [c for c in (newest_checkpoint(os.path.join(cv_dir, d, model)) for d in CURRICULUM)
              if c is not None]

@@ -26,11 +26,11 @@ def imagenet_data(root: str, seed: int = 0, classes: int = 5) -> str:
     from utils.demo_data import CLASSES, generate
 
     rng = np.random.default_rng(seed)
-    for split, n in zip(("train", "val"), SMOKE_IMAGENET):
+    for split, n in zip(("train", "val"), SMOKE_IMAGENET, strict=False):
         if os.path.isdir(os.path.join(root, split)):
             continue
         images, labels, _ = generate(n, 0.5, rng)
-        for i, (img, label) in enumerate(zip(images, labels % classes)):
+        for i, (img, label) in enumerate(zip(images, labels % classes, strict=False)):
             folder = os.path.join(root, split, CLASSES[label])
             os.makedirs(folder, exist_ok=True)
             Image.fromarray(img).resize((64, 64)).save(os.path.join(folder, f"{i:04d}.png"))

@@ -24,7 +24,8 @@ import shlex
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from utils.config import load_yaml
 from utils.errors import UserError
@@ -43,29 +44,29 @@ class StageRun:
 
     name: str  # e.g. "finetune R110_C10 gamma=10"
     script: str  # "pretrain_resnet.py", "cl_training.py" or "finetune.py"
-    argv: List[str]
+    argv: list[str]
     folder: str  # the run's --cv_dir
     final_epoch: int  # the epoch number in the final checkpoint's name (ckpt_E_<n> / pk_E_<n>)
     log: str  # log file of this stage
-    options: Dict[str, Any] = field(default_factory=dict)  # the resolved values we rely on
+    options: dict[str, Any] = field(default_factory=dict)  # the resolved values we rely on
 
     def command(self, *extra: str) -> str:
         return shlex.join(["python", self.script, *self.argv, *extra])
 
 
-def checkpoint_epoch(path: str) -> Optional[int]:
+def checkpoint_epoch(path: str) -> int | None:
     m = _EPOCH.match(os.path.basename(path))
     return int(m.group(1)) if m else None
 
 
-def newest_checkpoint(folder: str, prefix: str = "ckpt") -> Optional[str]:
+def newest_checkpoint(folder: str, prefix: str = "ckpt") -> str | None:
     """The checkpoint of the highest epoch in ``folder`` (``ckpt_E_*``/``pk_E_*``), or None."""
     found = [p for p in glob.glob(os.path.join(folder, f"{prefix}_E_*.t7"))
              if checkpoint_epoch(p) is not None]
     return max(found, key=lambda p: (checkpoint_epoch(p), p)) if found else None
 
 
-def final_checkpoint(stage: StageRun) -> Optional[str]:
+def final_checkpoint(stage: StageRun) -> str | None:
     """The stage's final checkpoint when it exists (the stage is done), else None."""
     prefix = "pk" if stage.script == "pretrain_resnet.py" else "ckpt"
     path = newest_checkpoint(stage.folder, prefix)
@@ -79,9 +80,9 @@ def tested_every(final_epoch: int, wanted: int) -> int:
     return max(n for n in range(1, max(1, wanted) + 1) if final_epoch % n == 0)
 
 
-def flags(options: Dict[str, Any]) -> List[str]:
+def flags(options: dict[str, Any]) -> list[str]:
     """Command-line flags for ``options`` (True: a bare switch; lists: several values)."""
-    out: List[str] = []
+    out: list[str] = []
     for key, value in options.items():
         if value is None or value is False:
             continue
@@ -94,7 +95,7 @@ def flags(options: Dict[str, Any]) -> List[str]:
     return out
 
 
-def make_stage(name: str, script: str, config: str, overrides: Dict[str, Any], log: str
+def make_stage(name: str, script: str, config: str, overrides: dict[str, Any], log: str
                ) -> StageRun:
     """A stage from a YAML config and the flags that override it (given explicitly, they
     win over the YAML). Reads the config to know the stage's final epoch."""
@@ -117,7 +118,7 @@ def _move_aside(folder: str) -> str:
     return target
 
 
-def call_script(script: str, argv: Sequence[str], log: str) -> Optional[str]:
+def call_script(script: str, argv: Sequence[str], log: str) -> str | None:
     """Run ``<script>.main(argv)`` in this process with its output appended to ``log``;
     returns None on success, else the error it ended with."""
     module = importlib.import_module(os.path.splitext(script)[0])
@@ -162,7 +163,7 @@ def run_stage(stage: StageRun, *, resume: bool = False, force: bool = False,
     if done and not force:
         say(f"[skip] {stage.name}: done ({done})")
         return done
-    extra: List[str] = []
+    extra: list[str] = []
     if force and os.path.isdir(stage.folder):
         say(f"[force] {stage.name}: moved the old run to {_move_aside(stage.folder)}")
     elif os.path.isfile(os.path.join(stage.folder, LAST)):

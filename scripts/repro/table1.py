@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from models.sources import ceil_usage
 from scripts.repro import pipeline
@@ -33,7 +34,7 @@ COLUMNS = (Label("model", "model"), Label("method", "method"),
            Metric("acc_ft", "accuracy, ft (%)", ".1f", std=True), Metric("k_ft", "K, ft", ".1f"))
 
 
-def table1_gamma(model: str, flag: Optional[float]) -> float:
+def table1_gamma(model: str, flag: float | None) -> float:
     """``--gamma``, else the γ of the Table 3 model whose usage Table 1 reports after
     finetuning (R32: 5, R110: 10), else 5."""
     if flag is not None:
@@ -49,7 +50,7 @@ class Evaluator:
     def __init__(self, ctx: Context, model: str, base: str):
         self.ctx, self.model, self.base = ctx, model, base
 
-    def __call__(self, tag: str, load: Optional[str] = None, **policy: Any) -> Dict[str, Any]:
+    def __call__(self, tag: str, load: str | None = None, **policy: Any) -> dict[str, Any]:
         s = self.ctx.evals
         req = EvalRequest(self.model, load, self.base, s.data_dir, s.batch_size, s.device,
                           s.workers, **policy)
@@ -58,14 +59,14 @@ class Evaluator:
                         os.path.join(s.out, "logs", f"test_{name}.log"), s.force, s.say)
 
 
-def _acc(results: Sequence[Dict[str, Any]]) -> Dict[str, Optional[float]]:
+def _acc(results: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     """Mean accuracy in percent, with the std over seeds when there are several."""
     accs = [100.0 * r["accuracy"] for r in results]
     return {"mean": statistics.mean(accs),
             "std": statistics.stdev(accs) if len(accs) > 1 else None}
 
 
-def checkpoints(ctx: Context, model: str, gamma: float) -> Dict[str, str]:
+def checkpoints(ctx: Context, model: str, gamma: float) -> dict[str, str]:
     """Base ResNet, curriculum and finetuned checkpoints: released, or trained here."""
     args = ctx.args
     if not args.released:
@@ -87,7 +88,7 @@ def checkpoints(ctx: Context, model: str, gamma: float) -> Dict[str, str]:
 
 
 def model_rows(ctx: Context, model: str, gamma: float, seeds: Sequence[int]
-               ) -> List[Dict[str, Any]]:
+               ) -> list[dict[str, Any]]:
     """Our Table 1 values of one model: one dict per method."""
     ckpts = checkpoints(ctx, model, gamma)
     run = Evaluator(ctx, model, ckpts["base"])
@@ -150,7 +151,7 @@ def figure(table: Table, key: str):
                               [r.ours.get(key + "_std") for r in table.rows])
 
 
-def _notes(ctx: Context, seeds: Sequence[int]) -> List[str]:
+def _notes(ctx: Context, seeds: Sequence[int]) -> list[str]:
     out = []
     if ctx.args.smoke:
         out.append("SMOKE RUN: generated data and one-epoch schedules; not comparable with the "

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -32,14 +33,14 @@ def default_keep(model: str) -> int:
     return max(1, round(row["k_ft"])) if row else 1
 
 
-def timings(args: argparse.Namespace, model: str, batch: int, keep: int) -> Dict[str, Any]:
+def timings(args: argparse.Namespace, model: str, batch: int, keep: int) -> dict[str, Any]:
     from scripts.benchmark import bench_seq
 
     return bench_seq(model, batch, keep, args.repeats, 1, torch.device(args.device),
                      images=args.time_images)
 
 
-def rows_of(result: Dict[str, Any], model: str, batch: int) -> List[Dict[str, Any]]:
+def rows_of(result: dict[str, Any], model: str, batch: int) -> list[dict[str, Any]]:
     ms = result["ms_per_image"]
     used = result.get("blocks_used", {})
     out = []

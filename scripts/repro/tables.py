@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import yaml
 
@@ -12,7 +12,8 @@ from scripts.repro import pipeline
 from scripts.repro.commands import Context, model_list, preamble, prepare
 from scripts.repro.gamma import (Evaluated, evaluate_finetuned, evaluate_full, figure3,
                                  gamma_table, network_name, notes)
-from scripts.repro.released import (Finetuned, NotFoundError, base_checkpoint, parse_run_name, require_finetuned)
+from scripts.repro.released import (Finetuned, NotFoundError, base_checkpoint, parse_run_name,
+                                    require_finetuned)
 from scripts.repro.stages import newest_checkpoint
 from utils.checkpoint import read_checkpoint
 from utils.errors import UserError
@@ -26,8 +27,8 @@ class ModelMismatchError(UserError, ValueError):
     """Checkpoints of different models were given to one comparison."""
 
 
-def train_all(ctx: Context, models: Sequence[str], gammas: Optional[Sequence[float]],
-              policy_init: Optional[str] = None) -> Tuple[List[Finetuned], Dict[str, str]]:
+def train_all(ctx: Context, models: Sequence[str], gammas: Sequence[float] | None,
+              policy_init: str | None = None) -> tuple[list[Finetuned], dict[str, str]]:
     """From scratch: every stage per model; returns the finetuned models and bases."""
     plan = ctx.plan(policy_init)
     found, bases = [], {}
@@ -42,8 +43,8 @@ def train_all(ctx: Context, models: Sequence[str], gammas: Optional[Sequence[flo
     return found, bases
 
 
-def evaluate_all(ctx: Context, found: Sequence[Finetuned], bases: Dict[str, Optional[str]]
-                 ) -> Tuple[List[Evaluated], Dict[str, Optional[Evaluated]], List[str]]:
+def evaluate_all(ctx: Context, found: Sequence[Finetuned], bases: dict[str, str | None]
+                 ) -> tuple[list[Evaluated], dict[str, Evaluated | None], list[str]]:
     evals = [evaluate_finetuned(ctx.evals, f, bases.get(f.model)) for f in found]
     fulls, missing = {}, []
     for model, base in bases.items():
@@ -54,7 +55,7 @@ def evaluate_all(ctx: Context, found: Sequence[Finetuned], bases: Dict[str, Opti
     return evals, fulls, missing
 
 
-def write_results(ctx: Context, name: str, title: str, paper_table: Optional[str],
+def write_results(ctx: Context, name: str, title: str, paper_table: str | None,
                   models: Sequence[str], evals, fulls, extra_notes: Sequence[str]) -> None:
     table = gamma_table(title, models, evals, fulls, paper_table)
     table.notes = notes(ctx.evals, evals, ctx.args.smoke) + list(extra_notes)
@@ -91,7 +92,7 @@ def _run_config(folder: str) -> dict:
         return yaml.safe_load(f) or {}
 
 
-def resolve_checkpoint(path: str) -> Tuple[str, str]:
+def resolve_checkpoint(path: str) -> tuple[str, str]:
     """``(checkpoint, folder)`` of a checkpoint file or a run folder (its newest ckpt_E_*)."""
     if os.path.isdir(path):
         ckpt = newest_checkpoint(path)
@@ -103,7 +104,7 @@ def resolve_checkpoint(path: str) -> Tuple[str, str]:
     return path, os.path.dirname(path)
 
 
-def identify(path: str, flag_model: Optional[str]) -> Finetuned:
+def identify(path: str, flag_model: str | None) -> Finetuned:
     """Model and γ of a finetuned checkpoint: from the file's ``model`` entry, the run's
     config.yaml, or the ``<model>_gamma_<γ>`` folder name; else ``--model``."""
     ckpt, folder = resolve_checkpoint(path)
@@ -129,7 +130,7 @@ def run_compare_gamma(args: argparse.Namespace, argv: Sequence[str]) -> None:
         items = [identify(p, args.model) for p in args.paths]
         names = sorted({i.model for i in items} | ({args.model} if args.model else set()))
         if len(names) > 1:
-            listed = ", ".join(f"{p} ({i.model})" for p, i in zip(args.paths, items))
+            listed = ", ".join(f"{p} ({i.model})" for p, i in zip(args.paths, items, strict=False))
             raise ModelMismatchError(f"the checkpoints are of different models: {listed}"
                                      + (f"; --model {args.model}" if args.model else "")
                                      + ". Compare one model at a time")
@@ -149,7 +150,7 @@ def run_compare_gamma(args: argparse.Namespace, argv: Sequence[str]) -> None:
                   paper, models, evals, fulls, missing)
 
 
-def _base_of(items: Sequence[Finetuned], model: str) -> Optional[str]:
+def _base_of(items: Sequence[Finetuned], model: str) -> str | None:
     """The base ResNet recorded in a run's config.yaml, else the model's default file."""
     from models import get_spec
     for item in items:
