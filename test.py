@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from models import MODEL_SPECS, FlatResNet, ModelSpec, build_resnet, get_spec
 from models.sources import (FIXED_RULES, SOURCE_NAMES, PolicySource, PolicySourceError,
                             build_agent, build_source, ceil_usage, check_k)
-from utils.checkpoint import (CheckpointError, agent_type_of, check_agent_type,
+from utils.checkpoint import (CheckpointError, agent_type_of, check_agent_type, check_model_tag,
                               load_blockdrop_checkpoint, load_default_base, load_state_strict,
                               read_checkpoint, torchvision_to_flat)
 from utils.data import get_dataset
@@ -228,6 +228,7 @@ def main(argv=None) -> None:
         loader = DataLoader(testset, batch_size=args.batch_size, shuffle=False,
                             num_workers=args.workers, pin_memory=device.type == "cuda")
         ckpt = read_checkpoint(args.load) if args.load else None
+        check_model_tag(ckpt, args.load, spec.name)
         choice = choose_policy(args, ckpt)
         if choice["name"] in LEARNED:
             setup = setup_learned(spec, ckpt, choice["name"], args, log)

@@ -11,7 +11,8 @@
   initialise the ImageNet policy's ResNet-10).
 
 Everything is read with ``weights_only=True`` and checked key by key before a
-single tensor is copied, so a bad file never leaves a half-loaded model.
+single tensor is copied, so a bad file never leaves a half-loaded model. A
+state with NaN or infinite values is neither written nor loaded.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import glob
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,8 +34,47 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
 
+class NonFiniteError(UserError, RuntimeError):
+    """A model's parameters or buffers (or a loss) became NaN or infinite."""
+
+
 _LAYER = re.compile(r"^layer(\d+)\.(\d+)\.(.*)$")
 _MAX_LISTED = 12
+
+
+def _named_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor inside nested dicts, lists and tuples, with a dotted name."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+        return
+    if isinstance(obj, Mapping):
+        items: Iterable = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return
+    for key, value in items:
+        yield from _named_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def first_non_finite(obj: Any) -> str | None:
+    """``"<name> (<n> NaN, <m> inf of <size>)"`` for the first floating-point tensor in
+    ``obj`` (a state dict, a checkpoint, nested containers) that is not finite, else None."""
+    for name, tensor in _named_tensors(obj):
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(tensor).sum())
+            return (f"{name} ({nan} NaN, {int((~finite).sum()) - nan} inf of "
+                    f"{tensor.numel()} values)")
+    return None
+
+
+def check_model_tag(ckpt: Any, path: str, name: str) -> None:
+    """Our checkpoints record their model (``model``); refuse one written for another."""
+    if isinstance(ckpt, Mapping) and ckpt.get("model", name) != name:
+        raise CheckpointError(f"{path} holds a {ckpt['model']} model, not {name}")
 
 
 def read_checkpoint(path: str) -> Any:
@@ -54,8 +94,13 @@ def read_checkpoint(path: str) -> Any:
 def save_checkpoint(obj: Any, path: str) -> None:
     """Write ``obj`` with torch.save to a temporary file, then rename it to ``path``.
 
-    A crash mid-write leaves the previous file (if any) intact.
+    A crash mid-write leaves the previous file (if any) intact. A tensor with
+    NaN or infinite values raises NonFiniteError before anything is written.
     """
+    bad = first_non_finite(obj)
+    if bad is not None:
+        raise NonFiniteError(f"not writing {path}: {bad} is not finite; the files already "
+                             f"written are kept")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".t7", dir=folder)
@@ -126,6 +171,10 @@ def fitted_state(module: nn.Module, state: Mapping[str, Any], source: str,
         problems.append(f"shape mismatch: {_listing(wrong)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the {what}: " + "; ".join(problems))
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"{source}: the {what} holds non-finite values, first {bad}; "
+                              f"the run that wrote it diverged")
     full = dict(own)
     full.update(state)
     return full
@@ -254,6 +303,7 @@ def load_for_eval(spec, load: str | None, base_ckpt: str | None = None,
     rnet, agent = build_resnet(spec), build_policy(spec)
     agent.keep_all()
     ckpt = read_checkpoint(load) if load else None
+    check_model_tag(ckpt, load, spec.name)
     if not (isinstance(ckpt, Mapping) and "resnet" in ckpt):
         base = load_default_base(rnet, spec, base_ckpt, policy_only=ckpt is not None)
         log(f"loaded base resnet from {base}")

@@ -17,12 +17,13 @@ from typing import NoReturn
 import torch
 
 from models import MODEL_SPECS, get_spec
-from utils.checkpoint import (CheckpointError, load_torchvision_policy_init,
+from utils.checkpoint import (CheckpointError, NonFiniteError, load_torchvision_policy_init,
                               read_checkpoint)
+from utils.checkpoint import check_model_tag as check_checkpoint_model  # noqa: F401 (scripts)
 from utils.config import ConfigError, check_common, save_config, to_plain
 from utils.data import get_datasets, make_loaders
 from utils.dist import DistInfo, cleanup, device_for, init_distributed, launched_by_torchrun
-from utils.engine import Loop, NonFiniteLossError, fit, restore
+from utils.engine import Loop, fit, restore
 from utils.errors import UserError
 from utils.run import LAST, RunFolderError, RunLog, resolve_run
 from utils.seeding import seed_everything, set_deterministic
@@ -131,12 +132,6 @@ def fail(prog: str, err: BaseException) -> NoReturn:
     sys.exit(f"{prog}: error: {err}")
 
 
-def check_checkpoint_model(ckpt, path: str, name: str) -> None:
-    """Our checkpoints record their model (``model``); refuse one written for another."""
-    if isinstance(ckpt, dict) and ckpt.get("model", name) != name:
-        raise CheckpointError(f"{path} holds a {ckpt['model']} model, not {name}")
-
-
 def init_policy(agent: torch.nn.Module, spec, path: str | None) -> bool:
     """``--policy_init``: start the policy's features from the torchvision ResNet that
     ``spec.policy.torchvision_init`` names (resnet18 for the ImageNet ResNet-10)."""
@@ -164,7 +159,7 @@ def run_stage(prog: str, args: argparse.Namespace, stage, epochs: range, first: 
     try:
         fit(stage, loop, loader, sampler, ctx.device, ctx.info, log,
             state["rng"] if state else None)
-    except NonFiniteLossError as err:
+    except NonFiniteError as err:
         fail(prog, f"{err}; stopped. The last good state is {os.path.join(args.cv_dir, LAST)} "
                    f"(continue with --resume once the cause is fixed)")
     except UserError as err:  # e.g. an image that cannot be decoded, found when it is read

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from models import FlatResNet
 from models.sources import PolicySource, as_source
-from utils.checkpoint import CheckpointError, load_state_strict, save_checkpoint
+from utils.checkpoint import (CheckpointError, NonFiniteError, first_non_finite, load_state_strict,
+                              save_checkpoint)
 from utils.dist import DistInfo, all_true, gather_cat, gather_objects, unwrap
 from utils.flops import FlopTable
 from utils.rewards import (advantage, apply_curriculum, bounded_probs, curriculum_loss,
@@ -84,7 +85,7 @@ def evaluate(rnet: FlatResNet, source: PolicySource | nn.Module, loader: Iterabl
 # ---------------------------------------------------------------------------
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     """The loss became NaN or infinite; training stops before the bad update."""
 
 
@@ -354,6 +355,16 @@ def save_last(stage: Stage, loop: Loop, epoch: int, info: DistInfo) -> None:
     save_checkpoint(payload, os.path.join(loop.cv_dir, LAST))
 
 
+def check_finite(stage: Stage, epoch: int) -> None:
+    """Stop before anything of ``epoch`` is tested or saved when a network's parameters or
+    buffers hold NaN or inf (e.g. BatchNorm variances overflowing at a huge lr while the
+    loss stays finite). Every process takes part, so all of them stop together."""
+    bad = first_non_finite({key: m.state_dict() for key, m in stage.modules.items()})
+    if not all_true(bad is None):
+        raise NonFiniteError(f"non-finite model after epoch {epoch}: "
+                             f"{bad or 'a network of another process'} is not finite")
+
+
 def fit(stage: Stage, loop: Loop, loader: Iterable, sampler, device: torch.device,
         info: DistInfo, log: RunLog, rng_states: list[dict[str, Any]] | None = None) -> None:
     """Train ``stage`` over ``loop.epochs``: set the lr, train, test when due, save.
@@ -370,6 +381,7 @@ def fit(stage: Stage, loop: Loop, loader: Iterable, sampler, device: torch.devic
         stage.train_modes()
         train = train_epoch(stage.step_for(epoch), loader, stage.optimizer, device,
                             desc=f"epoch {epoch}", progress=loop.progress and info.is_main)
+        check_finite(stage, epoch)
         test = stage.test(epoch) if loop.test_due(epoch) else None
         if test is not None and info.is_main:
             name, payload = stage.named_checkpoint(epoch, test)

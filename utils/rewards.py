@@ -73,8 +73,15 @@ def apply_curriculum(policy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def policy_log_prob(bprobs: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """log π(u) per block under Bernoulli(s'): u·log s' + (1 − u)·log(1 − s')."""
-    return -F.binary_cross_entropy(bprobs, policy, reduction="none")
+    """log π(u) per block under Bernoulli(s'): u·log s' + (1 − u)·log(1 − s').
+
+    A NaN probability (a diverged policy network) gives a NaN log-probability,
+    so the loss is NaN and training takes its non-finite-loss stop;
+    ``binary_cross_entropy`` itself would fail on it (a device assert on CUDA).
+    """
+    valid = (bprobs >= 0) & (bprobs <= 1)  # False for NaN
+    log_prob = -F.binary_cross_entropy(torch.where(valid, bprobs, 0.5), policy, reduction="none")
+    return torch.where(valid, log_prob, torch.nan)
 
 
 def curriculum_loss(bprobs: torch.Tensor, policy: torch.Tensor, adv: torch.Tensor,
