@@ -29,6 +29,7 @@ from utils.cli import (Context, add_authors_args, add_policy_init_arg, add_run_a
                        loaders_for, parse, run_stage, start)
 from utils.data import DataError
 from utils.dist import wrap
+from utils.policy_init import resolve_policy_init
 from utils.engine import Stage, curriculum_train_step, evaluate_policy, lr_at
 from utils.rewards import curriculum_step
 from utils.run import blockdrop_name
@@ -63,6 +64,8 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
                 resuming: bool) -> tuple[FlatResNet, PolicyNet, int]:
     """Base ResNet (frozen) and policy; ``--load`` restores an agent. Returns the start epoch."""
     rnet, agent = build_resnet(spec), build_policy(spec)
+    # the paper's ImageNet policy starts from torchvision weights: found or asked for first
+    init = None if args.load or resuming else resolve_policy_init(spec, args.policy_init)
     load_default_base(rnet, spec, args.base_ckpt)
     start_epoch = 0
     if args.load and not resuming:
@@ -74,7 +77,7 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
             raise CheckpointError(f"{args.load} holds no policy network ('agent')")
         start_epoch = int(ckpt.get("epoch", -1)) + 1
     elif not resuming:
-        init_policy(agent, spec, args.policy_init)
+        init_policy(agent, spec, init)
     return rnet, agent, start_epoch
 
 

@@ -28,6 +28,7 @@ from utils.cli import (Context, add_authors_args, add_policy_init_arg, add_run_a
                        loaders_for, parse, run_stage, start)
 from utils.data import DataError
 from utils.dist import wrap
+from utils.policy_init import resolve_policy_init
 from utils.engine import Stage, evaluate_policy, finetune_train_step, lr_at
 from utils.run import blockdrop_name
 from utils.seeding import keyed_uniform
@@ -71,7 +72,7 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
     if args.pretrained:
         load_pretrained_policy(agent, args.pretrained, spec.name)
     elif ckpt is None:
-        init_policy(agent, spec, args.policy_init)
+        init_policy(agent, spec, resolve_policy_init(spec, args.policy_init, False))
     if ckpt is None:
         return rnet, agent, 0
     loaded = load_blockdrop_checkpoint(args.load, rnet, agent, ckpt)

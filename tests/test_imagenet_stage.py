@@ -54,7 +54,8 @@ def test_a_corrupt_jpeg_stops_training_in_one_line(imagenet_folder, tmp_path, ca
     bad.write_bytes(bad.read_bytes()[:60])
     line = error_line(cl_training.main, [
         "--model", "R101_ImgNet", "--data_dir", str(root), "--cv_dir", str(tmp_path / "cl"),
-        "--base_ckpt", str(imagenet_folder / "r101.pth"), "--batch_size", "2",
-        "--max_epochs", "0", "--workers", "2", "--device", "cpu", "--no_progress"], capsys)
+        "--base_ckpt", str(imagenet_folder / "r101.pth"), "--policy_init", "random",
+        "--batch_size", "2", "--max_epochs", "0", "--workers", "2", "--device", "cpu",
+        "--no_progress"], capsys)
     assert str(bad) in line and "cannot read the image" in line
     assert not glob.glob(str(tmp_path / "cl" / "*.t7"))

@@ -81,7 +81,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str], models: Sequence[str]
     time_images = getattr(args, "time_images", None) or (8 if args.smoke else 256)
     repeats = getattr(args, "repeats", None) or (1 if args.smoke else 5)
     evals = EvalSettings(data_dir, args.device, args.batch_size, workers, out, args.force,
-                         getattr(args, "time_batch", 1), time_images, repeats, say)
+                         args.time_batch or 1, time_images, repeats, say)
     say(f"{args.name}: results in {out}" + (" (smoke run on generated data)" if args.smoke
                                             else ""))
     return Context(args, out, data_dir, workers, evals, say)

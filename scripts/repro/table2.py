@@ -64,7 +64,7 @@ def run_table2(args: argparse.Namespace, argv: Sequence[str]) -> None:
     args.repeats = args.repeats or 5
     args.time_images = args.time_images or 64
     ctx = prepare(args, argv, [], train=False)
-    batches = sorted({1, args.time_batch})
+    batches = sorted({1, args.time_batch or (4 if args.smoke else 32)})
     table = Table(f"Table 2: time per image, {args.device}", COLUMNS)
     raw = []
     for model in models:

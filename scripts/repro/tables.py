@@ -76,7 +76,9 @@ def run_gamma_table(args: argparse.Namespace, argv: Sequence[str], name: str,
         models = [m for m in models if any(f.model == m for f in found)]
         bases = {m: base_checkpoint(args.released, m) for m in models}
     else:
-        init = args.policy_init  # ImageNet curriculum only (cl_training.py --policy_init)
+        # cl_training.py's rule (item 5): torchvision weights from the hub cache by default;
+        # smoke runs never download and start the policy at random
+        init = args.policy_init or ("random" if args.smoke else None)
         found, bases = train_all(ctx, models, args.gammas, init)
     evals, fulls, missing = evaluate_all(ctx, found, bases)
     write_results(ctx, name, f"{name[:1].upper()}{name[1:-1]} {name[-1]}: BlockDrop per γ "
