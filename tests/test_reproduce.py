@@ -197,6 +197,7 @@ def test_compare_gamma_refuses_different_models(tmp_path, capsys):
 
 # -- smoke runs: every script end to end on generated data -------------------------------
 SMOKE = {
+    "table2": ["table2.md", "table2.csv", "table2_times.png"],
     "table3": ["table3.md", "table3.csv", "table3_figure3.png"],
     "compare_gamma": ["compare_gamma.md", "compare_gamma.csv", "compare_gamma_figure3.png"],
     "figures": ["figures.md", "figures.csv", "figures_usage_histogram.png",
@@ -205,13 +206,24 @@ SMOKE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SMOKE))
-def test_smoke(name, tmp_path):
+def run_smoke(name, tmp_path, files):
     out = tmp_path / name
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", f"{name}.sh"), "--smoke",
                            "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for f in SMOKE[name]:
+    for f in files:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-    assert "Smoke run" in (out / SMOKE[name][0]).read_text()
+    assert "Smoke run" in (out / files[0]).read_text()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_smoke(name, tmp_path):
+    run_smoke(name, tmp_path, SMOKE[name])
+
+
+@pytest.mark.slow
+def test_smoke_table4(tmp_path):
+    """ResNet-101 at 224 px on the CPU: minutes, so only with --runslow."""
+    run_smoke("table4", tmp_path, ["table4.md", "table4.csv", "table4_figure3.png"])

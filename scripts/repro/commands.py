@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -93,7 +94,6 @@ def preamble(ctx: Context, table: str) -> list[str]:
     if caption:
         lines.append(f"Paper: {caption}.")
     with open(os.path.join(ctx.out, outdir.COMMAND_FILE), encoding="utf-8") as f:
-        import json
         lines.append(f"Command: `{json.load(f)['command']}`")
     if ctx.args.smoke:
         lines.append("**Smoke run** on generated data with one-epoch schedules: the numbers "

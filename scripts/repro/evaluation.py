@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,6 @@ def run_test(request: EvalRequest, json_path: str, log: str, force: bool = False
     if error is None and not os.path.isfile(json_path):
         error = f"test.py wrote no {json_path}"
     if error is not None:
-        import shlex
         raise StageError(failure(f"evaluation of {request.load or request.model}", error, log,
                                  shlex.join(["python", "test.py", *argv])))
     with open(meta_path, "w") as f:

@@ -19,19 +19,22 @@ def cifar_data(root: str, seed: int = 0) -> str:
     return root
 
 
-def imagenet_data(root: str, seed: int = 0, classes: int = 5) -> str:
-    """The demo's shapes as PNG files in ``root/train/<class>/`` and ``root/val/<class>/``."""
+def imagenet_data(root: str, seed: int = 0, classes: int = 1000, used: int = 5) -> str:
+    """The demo's shapes as PNG files in ``root/train/<class>/`` and ``root/val/<class>/``:
+    every one of the ``classes`` folders exists (labels keep their numbers), the images
+    sit in the first ``used``."""
     from PIL import Image
 
-    from utils.demo_data import CLASSES, generate
+    from utils.demo_data import generate
 
     rng = np.random.default_rng(seed)
-    for split, n in zip(("train", "val"), SMOKE_IMAGENET, strict=False):
+    for split, n in zip(("train", "val"), SMOKE_IMAGENET, strict=True):
         if os.path.isdir(os.path.join(root, split)):
             continue
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"n{c:04d}"))
         images, labels, _ = generate(n, 0.5, rng)
-        for i, (img, label) in enumerate(zip(images, labels % classes, strict=False)):
-            folder = os.path.join(root, split, CLASSES[label])
-            os.makedirs(folder, exist_ok=True)
-            Image.fromarray(img).resize((64, 64)).save(os.path.join(folder, f"{i:04d}.png"))
+        for i, (img, label) in enumerate(zip(images, labels % used, strict=True)):
+            path = os.path.join(root, split, f"n{label:04d}", f"{i:04d}.png")
+            Image.fromarray(img).resize((64, 64)).save(path)
     return root

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import yaml
 
+from models import get_spec
 from scripts.repro import pipeline
 from scripts.repro.commands import Context, model_list, preamble, prepare
 from scripts.repro.gamma import (Evaluated, evaluate_finetuned, evaluate_full, figure3,
@@ -18,6 +19,7 @@ from scripts.repro.stages import newest_checkpoint
 from utils.checkpoint import read_checkpoint
 from utils.errors import UserError
 from utils.figures import save
+from utils.paper import paper_rows
 from utils.report import write_table
 
 SMOKE_GAMMAS = (2.0, 5.0)  # two γ: the tables and Figure 3 get more than one BlockDrop point
@@ -146,7 +148,6 @@ def run_compare_gamma(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if args.smoke and not args.paths:
         base = bases[model]
     evals, fulls, missing = evaluate_all(ctx, items, {model: base})
-    from utils.paper import paper_rows
     paper = next((t for t in ("table3", "table4") if paper_rows(t, model=model)), None)
     write_results(ctx, "compare_gamma", f"BlockDrop {model}: accuracy, blocks and FLOPs per γ",
                   paper, models, evals, fulls, missing)
@@ -154,7 +155,6 @@ def run_compare_gamma(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 def _base_of(items: Sequence[Finetuned], model: str) -> str | None:
     """The base ResNet recorded in a run's config.yaml, else the model's default file."""
-    from models import get_spec
     for item in items:
         base = _run_config(os.path.dirname(item.checkpoint)).get("base_ckpt")
         if base and os.path.isfile(base):
