@@ -121,13 +121,12 @@ def _move_aside(folder: str) -> str:
 def call_script(script: str, argv: Sequence[str], log: str) -> str | None:
     """Run ``<script>.main(argv)`` in this process with its output appended to ``log``;
     returns None on success, else the error it ended with."""
-    module = importlib.import_module(os.path.splitext(script)[0])
     os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
     with open(log, "a", encoding="utf-8") as f, \
             contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         print(f"$ {shlex.join(['python', script, *argv])}", flush=True)
         try:
-            module.main(list(argv))
+            importlib.import_module(os.path.splitext(script)[0]).main(list(argv))
         except SystemExit as err:
             if err.code in (None, 0):
                 return None
