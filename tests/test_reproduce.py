@@ -227,3 +227,25 @@ def test_smoke(name, tmp_path):
 def test_smoke_table4(tmp_path):
     """ResNet-101 at 224 px on the CPU: minutes, so only with --runslow."""
     run_smoke("table4", tmp_path, ["table4.md", "table4.csv", "table4_figure3.png"])
+
+
+def test_a_failing_stage_stops_the_script(tmp_path, capsys):
+    data = make_cifar(tmp_path / "data", n=8)
+    make_cifar(tmp_path / "data", n=16, train=True)
+    bad = tmp_path / "base.t7"
+    bad.write_text("not a checkpoint")
+    out = tmp_path / "out"
+    assert _run("table3", "--models", "R32_C10", "--gammas", "5", "--data_dir", data,
+                "--out", str(out), "--base_ckpt", str(bad), "--workers", "0") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "stage 'curriculum R32_C10' failed" in err and "not a readable PyTorch checkpoint" in err
+    assert f"Log: {out}/logs/curriculum_R32_C10.log" in err
+    assert "Rerun it with: python cl_training.py --config" in err
+    assert not (out / "cv" / "finetuned").exists() and not (out / "table3.md").exists()
+
+
+def test_table1_gamma_follows_the_paper():
+    from scripts.repro.table1 import table1_gamma
+    assert table1_gamma("R32_C10", None) == 5.0 and table1_gamma("R110_C10", None) == 10.0
+    assert table1_gamma("R32_C100", None) == 5.0 and table1_gamma("R110_C10", 2.0) == 2.0

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 ImageFn = Callable[[int], np.ndarray]  # image index -> (H, W, 3) uint8
 STAGE_COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
@@ -62,6 +63,7 @@ def usage_histogram(usage: np.ndarray, num_blocks: int, title: str) -> Figure:
            xlim=(-0.8, num_blocks + 0.8))
     ax.legend(loc="upper left")
     ax.grid(axis="y", alpha=0.3)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
@@ -93,6 +95,7 @@ def accuracy_by_blocks(usage: np.ndarray, matches: np.ndarray, num_blocks: int,
     fig = new_figure(7, 4)
     ax = fig.add_subplot()
     ax.bar(values, count, width=0.85, color="#cccccc", label="images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel=f"blocks used (of {num_blocks})", ylabel="images", title=title,
            xlim=(-0.8, num_blocks + 0.8))
     ax2 = ax.twinx()

@@ -99,13 +99,12 @@ def model_rows(ctx: Context, model: str, gamma: float, seeds: Sequence[int]
     rows = []
     for name in FIXED:
         before, after = [], []
-        for seed in (seeds if name == "randomk" else [0]):
-            fixed = {"policy": name, "k": k_ft, "seed": seed}
-            tag = f"{name}_k{k}" + (f"_seed{seed}" if name == "randomk" else "")
-            before.append(run(tag, policy=name, k=k, seed=seed))
-            tuned = pipeline.finetune(plan, model, gamma, ckpts["base"], None, fixed)
-            tag_ft = f"{name}_ft_k{k_ft}" + (f"_seed{seed}" if name == "randomk" else "")
-            after.append(run(tag_ft, tuned, policy=name, k=k_ft, seed=seed))
+        for seed in (seeds if name == "randomk" else [None]):  # only RandomK draws
+            tail = "" if seed is None else f"_seed{seed}"
+            before.append(run(f"{name}_k{k}{tail}", policy=name, k=k, seed=seed))
+            tuned = pipeline.finetune(plan, model, gamma, ckpts["base"], None,
+                                      {"policy": name, "k": k_ft, "seed": seed})
+            after.append(run(f"{name}_ft_k{k_ft}{tail}", tuned, policy=name, k=k_ft, seed=seed))
         a, b = _acc(before), _acc(after)
         rows.append({"method": name, "acc": a["mean"], "acc_std": a["std"], "k": k,
                      "acc_ft": b["mean"], "acc_ft_std": b["std"], "k_ft": k_ft})
