@@ -88,10 +88,10 @@ def base_network(plan: Plan, model: str) -> str:
         if not os.path.isfile(plan.base_ckpt):
             raise StageError(f"--base_ckpt {plan.base_ckpt}: no such file")
         return plan.base_ckpt
-    default = get_spec(model).base_checkpoint
-    if not plan.smoke and os.path.isfile(default):
-        plan.say(f"[base] {model}: {default}")
-        return default
+    found = sorted(glob.glob(get_spec(model).base_checkpoint))  # the name may be a pattern
+    if not plan.smoke and found:
+        plan.say(f"[base] {model}: {found[-1]}")
+        return found[-1]
     name = f"pretrain {model}"
     opts = _common(plan, model, "pretrain_resnet.py",
                    os.path.join(plan.cv_root, "pretrained", model))

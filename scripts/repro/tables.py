@@ -3,6 +3,7 @@ table and Figure 3 (paper Sec. 4.2, supplement Tables 1-2)."""
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 from collections.abc import Sequence
 
@@ -159,5 +160,5 @@ def _base_of(items: Sequence[Finetuned], model: str) -> str | None:
         base = _run_config(os.path.dirname(item.checkpoint)).get("base_ckpt")
         if base and os.path.isfile(base):
             return base
-    default = get_spec(model).base_checkpoint
-    return default if os.path.isfile(default) else None
+    found = sorted(glob.glob(get_spec(model).base_checkpoint))  # the name may be a pattern
+    return found[-1] if found else None
