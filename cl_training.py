@@ -14,32 +14,28 @@ and so do ``--config configs/cl/R110_C10.yaml``, ``--resume`` and
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet, get_spec
-from utils.checkpoint import (CheckpointError, load_blockdrop_checkpoint, load_default_base,
-                              read_checkpoint)
-from utils.cli import (Context, add_authors_args, add_policy_init_arg, add_run_args,
-                       check_checkpoint_model, epochs_for, fail, init_policy,
-                       loaders_for, parse, run_stage, start)
-from utils.data import DataError
+from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet
+from utils.checkpoint import (CheckpointError, check_model_tag, init_policy,
+                              load_blockdrop_checkpoint, load_default_base, read_checkpoint)
+from utils.config import add_authors_args, add_policy_init_arg, add_run_args, make_parser
 from utils.dist import wrap
 from utils.policy_init import resolve_policy_init
 from utils.engine import Stage, curriculum_train_step, evaluate_policy, lr_at
+from utils.launch import Context, Plan, Script, launch
 from utils.rewards import curriculum_step
-from utils.run import blockdrop_name
+from utils.run_folder import blockdrop_name
 from utils.seeding import keyed_uniform
 
 PROG = "cl_training.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="BlockDrop curriculum learning")
+    p = make_parser(PROG, "BlockDrop curriculum learning")
     add_authors_args(p, lr=1e-3, epoch_step=10000, max_epochs=10000, penalty=-1.0,
                      load_help="checkpoint to load the agent from; the epoch count continues")
     p.add_argument("--beta", type=float, default=1e-1, help="entropy multiplier")
@@ -70,7 +66,7 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
     start_epoch = 0
     if args.load and not resuming:
         ckpt = read_checkpoint(args.load)
-        check_checkpoint_model(ckpt, args.load, spec.name)
+        check_model_tag(ckpt, args.load, spec.name)
         loaded = load_blockdrop_checkpoint(args.load, None, agent, {
             k: v for k, v in ckpt.items() if k != "resnet"} if isinstance(ckpt, dict) else ckpt)
         if not loaded["agent"]:
@@ -81,11 +77,16 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
     return rnet, agent, start_epoch
 
 
-def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, agent: PolicyNet,
-                ddp_agent: nn.Module, optimizer: torch.optim.Optimizer, test_loader: DataLoader,
-                ctx: Context) -> Stage:
+def build_stage(args: argparse.Namespace, spec: ModelSpec,
+                networks: tuple[FlatResNet, PolicyNet, int], test_loader: DataLoader,
+                ctx: Context) -> Plan:
     """What curriculum learning trains: the policy only, with the curriculum of the epoch."""
+    rnet, agent, start_epoch = networks
     K = spec.num_blocks
+    rnet.to(ctx.device).eval().requires_grad_(False)
+    agent.to(ctx.device)
+    ddp_agent = wrap(agent, ctx.device, ctx.info)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, weight_decay=args.wd)
 
     def train_modes() -> None:
         rnet.eval()
@@ -111,30 +112,18 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, age
             "agent": agent.state_dict(), "epoch": epoch, "reward": stats["reward"],
             "acc": stats["accuracy"], "model": spec.name}
 
-    return Stage("cl", {"agent": agent}, optimizer, train_modes, step_for, test,
-                 lambda e: lr_at(e, args.lr, args.lr_decay_ratio, args.epoch_step),
-                 named_checkpoint, lambda e: {"cl_step": cl_step_at(args.cl_step, e, K)})
+    stage = Stage("cl", {"agent": agent}, optimizer, train_modes, step_for, test,
+                  lambda e: lr_at(e, args.lr, args.lr_decay_ratio, args.epoch_step),
+                  named_checkpoint, lambda e: {"cl_step": cl_step_at(args.cl_step, e, K)})
+    return Plan(stage, start_epoch, args.max_epochs + 1, lambda e: e % args.test_every == 0)
+
+
+SCRIPT = Script(PROG, build_parser, load_models, build_stage)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args, state = parse(parser, argv)
-    ctx = start(args)
-    try:
-        spec = get_spec(args.model)
-        rnet, agent, start_epoch = load_models(args, spec, state is not None)
-        train_loader, test_loader, sampler = loaders_for(args, spec, ctx)
-        rnet.to(ctx.device).eval().requires_grad_(False)
-        agent.to(ctx.device)
-        ddp_agent = wrap(agent, ctx.device, ctx.info)
-        optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, weight_decay=args.wd)
-        stage = build_stage(args, spec, rnet, agent, ddp_agent, optimizer, test_loader, ctx)
-        epochs, first = epochs_for(stage, state, start_epoch, args.max_epochs)
-    except (ValueError, CheckpointError, DataError) as err:
-        fail(PROG, err)
-    run_stage(PROG, args, stage, epochs, first,
-              lambda e: e % args.test_every == 0, train_loader, sampler, ctx, state)
+    launch(SCRIPT, argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -12,32 +12,28 @@ gradient (the greedy pass does not). The authors' command line works, e.g.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet, get_spec
-from utils.checkpoint import (CheckpointError, load_blockdrop_checkpoint, load_default_base,
-                              load_state_strict,
+from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet
+from utils.checkpoint import (CheckpointError, check_model_tag, init_policy,
+                              load_blockdrop_checkpoint, load_default_base, load_state_strict,
                               policy_state, read_checkpoint)
-from utils.cli import (Context, add_authors_args, add_policy_init_arg, add_run_args,
-                       check_checkpoint_model, epochs_for, fail, init_policy,
-                       loaders_for, parse, run_stage, start)
-from utils.data import DataError
+from utils.config import add_authors_args, add_policy_init_arg, add_run_args, make_parser
 from utils.dist import wrap
 from utils.policy_init import resolve_policy_init
 from utils.engine import Stage, evaluate_policy, finetune_train_step, lr_at
-from utils.run import blockdrop_name
+from utils.launch import Context, Plan, Script, launch
+from utils.run_folder import blockdrop_name
 from utils.seeding import keyed_uniform
 
 PROG = "finetune.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="BlockDrop joint finetuning")
+    p = make_parser(PROG, "BlockDrop joint finetuning")
     add_authors_args(p, lr=1e-4, epoch_step=1600, max_epochs=2000, penalty=-5.0,
                      load_help="checkpoint to load the resnet and agent from; the epoch count "
                                "continues")
@@ -51,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_pretrained_policy(agent: torch.nn.Module, path: str, name: str) -> None:
     """``--pretrained``: the agent of a curriculum checkpoint (``agent`` or old ``net``)."""
     ckpt = read_checkpoint(path)
-    check_checkpoint_model(ckpt, path, name)
+    check_model_tag(ckpt, path, name)
     state = ckpt.get("agent", ckpt.get("net")) if isinstance(ckpt, dict) else None
     if state is None:
         raise CheckpointError(f"--pretrained {path} is not a policy checkpoint: no 'agent' "
@@ -66,7 +62,7 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
     if resuming:  # last.t7 holds both networks
         return rnet, agent, 0
     ckpt = read_checkpoint(args.load) if args.load else None
-    check_checkpoint_model(ckpt, args.load, spec.name)
+    check_model_tag(ckpt, args.load, spec.name)
     if not (isinstance(ckpt, dict) and "resnet" in ckpt):
         load_default_base(rnet, spec, args.base_ckpt)
     if args.pretrained:
@@ -81,11 +77,17 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
     return rnet, agent, int(ckpt.get("epoch", -1)) + 1
 
 
-def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, agent: PolicyNet,
-                ddp_rnet: nn.Module, ddp_agent: nn.Module, optimizer: torch.optim.Optimizer,
-                test_loader: DataLoader, ctx: Context) -> Stage:
+def build_stage(args: argparse.Namespace, spec: ModelSpec,
+                networks: tuple[FlatResNet, PolicyNet, int], test_loader: DataLoader,
+                ctx: Context) -> Plan:
     """What finetuning trains: both networks, no curriculum."""
+    rnet, agent, start_epoch = networks
     K = spec.num_blocks
+    rnet.to(ctx.device)
+    agent.to(ctx.device)
+    ddp_rnet, ddp_agent = wrap(rnet, ctx.device, ctx.info), wrap(agent, ctx.device, ctx.info)
+    optimizer = torch.optim.Adam(list(agent.parameters()) + list(rnet.parameters()),
+                                 lr=args.lr, weight_decay=args.wd)
 
     def train_modes() -> None:
         ddp_rnet.train()
@@ -108,32 +110,18 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, age
             "agent": agent.state_dict(), "resnet": rnet.state_dict(), "epoch": epoch,
             "reward": stats["reward"], "acc": stats["accuracy"], "model": spec.name}
 
-    return Stage("finetune", {"agent": agent, "resnet": rnet}, optimizer, train_modes, step_for,
-                 test, lambda e: lr_at(e, args.lr, args.lr_decay_ratio, args.epoch_step),
-                 named_checkpoint)
+    stage = Stage("finetune", {"agent": agent, "resnet": rnet}, optimizer, train_modes,
+                  step_for, test, lambda e: lr_at(e, args.lr, args.lr_decay_ratio, args.epoch_step),
+                  named_checkpoint)
+    return Plan(stage, start_epoch, args.max_epochs + 1, lambda e: e % args.test_every == 0)
+
+
+SCRIPT = Script(PROG, build_parser, load_models, build_stage)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args, state = parse(parser, argv)
-    ctx = start(args)
-    try:
-        spec = get_spec(args.model)
-        rnet, agent, start_epoch = load_models(args, spec, state is not None)
-        train_loader, test_loader, sampler = loaders_for(args, spec, ctx)
-        rnet.to(ctx.device)
-        agent.to(ctx.device)
-        ddp_rnet, ddp_agent = wrap(rnet, ctx.device, ctx.info), wrap(agent, ctx.device, ctx.info)
-        optimizer = torch.optim.Adam(list(agent.parameters()) + list(rnet.parameters()),
-                                     lr=args.lr, weight_decay=args.wd)
-        stage = build_stage(args, spec, rnet, agent, ddp_rnet, ddp_agent, optimizer,
-                            test_loader, ctx)
-        epochs, first = epochs_for(stage, state, start_epoch, args.max_epochs)
-    except (ValueError, CheckpointError, DataError) as err:
-        fail(PROG, err)
-    run_stage(PROG, args, stage, epochs, first,
-              lambda e: e % args.test_every == 0, train_loader, sampler, ctx, state)
+    launch(SCRIPT, argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

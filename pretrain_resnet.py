@@ -18,31 +18,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from models import MODEL_SPECS, FlatResNet, ModelSpec, build_resnet, get_spec
-from utils.checkpoint import CheckpointError, load_base_resnet
-from utils.cli import Context, add_run_args, fail, loaders_for, parse, run_stage, start
-from utils.data import DataError
+from models import FlatResNet, ModelSpec, build_resnet, get_spec
+from utils.checkpoint import load_base_resnet
+from utils.config import add_model_arg, add_parallel_arg, add_run_args, make_parser
 from utils.dist import wrap
-from utils.engine import (Stage, classifier_train_step, evaluate_classifier, multistep_lr,
-                          restore)
-from utils.run import LAST
+from utils.engine import Stage, classifier_train_step, evaluate_classifier, multistep_lr
+from utils.launch import Context, Plan, Script, launch
 
 PROG = "pretrain_resnet.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description="Train a base ResNet. Writes pk_E_<epochs>_A_<acc>.t7 (the "
-        "authors' base-network layout) to --cv_dir, by default cv/pretrained/<model>/; pass it "
-        "to the BlockDrop stages with --base_ckpt.")
-    p.add_argument("--model", default="R110_C10", help=f"one of {', '.join(MODEL_SPECS)}")
+    p = make_parser(
+        PROG, "Train a base ResNet. Writes pk_E_<epochs>_A_<acc>.t7 (the authors' "
+        "base-network layout) to --cv_dir, by default cv/pretrained/<model>/; pass it to the "
+        "BlockDrop stages with --base_ckpt.")
+    add_model_arg(p)
     p.add_argument("--data_dir", default="data/", help="data directory")
     p.add_argument("--cv_dir", default=None,
                    help="run folder (default: cv/pretrained/<model>/, the folder of the model's "
@@ -60,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init_torchvision", default=None,
                    help="state-dict file of the model's torchvision counterpart (R101_ImgNet: "
                         "resnet101, R50_ImgNet: resnet50) to start from")
-    p.add_argument("--parallel", action="store_true",
-                   help="use all GPUs: launch with torchrun --nproc_per_node=<GPUs>")
+    add_parallel_arg(p)
     add_run_args(p, test_every=10, base_ckpt=False)
     return p
 
@@ -90,48 +85,45 @@ def check(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet, model: nn.Module,
-                optimizer: torch.optim.Optimizer, test_loader: DataLoader,
-                ctx: Context) -> Stage:
+def load_models(args: argparse.Namespace, spec: ModelSpec, resuming: bool) -> FlatResNet:
+    """The ResNet to train: random, or torchvision's weights with ``--init_torchvision``."""
+    rnet = build_resnet(spec)
+    if args.init_torchvision and not resuming:
+        load_base_resnet(rnet, args.init_torchvision)
+    return rnet
+
+
+def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet,
+                test_loader: DataLoader, ctx: Context) -> Plan:
     """What pretraining trains: the ResNet with every block kept, plain cross-entropy."""
+    rnet.to(ctx.device)
+    model = wrap(rnet, ctx.device, ctx.info)  # forward(x) runs the full network
+    optimizer = torch.optim.SGD(rnet.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.wd)
+
     def named_checkpoint(epoch: int, stats):
         done = epoch + 1
         return "pk_E_%d_A_%.3f.t7" % (done, stats["accuracy"]), {
             "state_dict": rnet.state_dict(), "epoch": done, "acc": stats["accuracy"],
             "model": spec.name}
 
-    return Stage(
+    stage = Stage(
         "pretrain", {"resnet": rnet}, optimizer, model.train,
         lambda epoch: lambda x, y, idx: classifier_train_step(model, x, y, amp=args.amp),
         lambda epoch: evaluate_classifier(rnet, test_loader, ctx.device,
                                           not args.no_progress and ctx.info.is_main),
         lambda e: multistep_lr(e, args.lr, args.lr_decay_ratio, args.milestones),
         named_checkpoint)
+    last = args.epochs - 1
+    return Plan(stage, 0, args.epochs, lambda e: (e + 1) % args.test_every == 0 or e == last)
+
+
+SCRIPT = Script(PROG, build_parser, load_models, build_stage, finalize=fill_recipe, checks=check)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args, state = parse(parser, argv, check, finalize=fill_recipe)
-    ctx = start(args)
-    try:
-        spec = get_spec(args.model)
-        rnet = build_resnet(spec)
-        if args.init_torchvision and state is None:
-            load_base_resnet(rnet, args.init_torchvision)
-        train_loader, test_loader, sampler = loaders_for(args, spec, ctx)
-        rnet.to(ctx.device)
-        model = wrap(rnet, ctx.device, ctx.info)  # forward(x) runs the full network
-        optimizer = torch.optim.SGD(rnet.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.wd)
-        stage = build_stage(args, spec, rnet, model, optimizer, test_loader, ctx)
-        start_epoch = restore(stage, state, LAST) + 1 if state is not None else 0
-    except (ValueError, CheckpointError, DataError) as err:
-        fail(PROG, err)
-    last = args.epochs - 1
-    run_stage(PROG, args, stage, range(start_epoch, args.epochs), 0,
-              lambda e: (e + 1) % args.test_every == 0 or e == last, train_loader, sampler,
-              ctx, state)
+    launch(SCRIPT, argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

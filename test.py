@@ -31,20 +31,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from models import MODEL_SPECS, FlatResNet, ModelSpec, build_resnet, get_spec
+from models import FlatResNet, ModelSpec, build_resnet, get_spec
 from models.sources import (FIXED_RULES, SOURCE_NAMES, PolicySource, PolicySourceError,
                             build_agent, build_source, ceil_usage, check_k)
 from utils.checkpoint import (CheckpointError, agent_type_of, check_agent_type, check_model_tag,
                               load_blockdrop_checkpoint, load_default_base, load_state_strict,
                               read_checkpoint, torchvision_to_flat)
+from utils.config import add_device_args, add_model_arg, device_problems, make_parser
 from utils.data import get_dataset
 from utils.engine import evaluate
-from utils.errors import UserError
 from utils.flops import flop_table
 from utils.rewards import greedy_policy
+from utils.launch import error_path
 from utils.stats import format_eval_block, mean32
 
-PROG = "test.py"
 LEARNED = ("blockdrop", "seq")
 
 
@@ -57,11 +57,12 @@ def k_value(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
+PROG = "test.py"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description="BlockDrop evaluation (greedy policy)",
-                                allow_abbrev=False)
-    p.add_argument("--model", default="R110_C10", help=f"one of {', '.join(MODEL_SPECS)}")
+    p = make_parser(PROG, "BlockDrop evaluation (greedy policy)")
+    add_model_arg(p)
     p.add_argument("--data_dir", default="data/", help="folder holding the dataset")
     p.add_argument("--load", default=None,
                    help="BlockDrop checkpoint (agent, optionally resnet); without it the base "
@@ -80,8 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None,
                    help="also write the statistics to this JSON file (must not exist)")
     p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    add_device_args(p)
     p.add_argument("--download", action="store_true", help="download CIFAR if it is missing")
     p.add_argument("--masked", action="store_true",
                    help="run the masked forward (every block for every image) instead of "
@@ -94,6 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out and os.path.exists(args.out):
         p.error(f"--out {args.out} exists; results are not overwritten (remove it or "
                 f"choose another file)")
+    try:
+        get_spec(args.model)
+    except ValueError as err:
+        p.error(str(err))
+    for problem in device_problems(args.device):
+        p.error(problem)
     return args
 
 
@@ -217,25 +223,28 @@ def write_json(obj: dict[str, Any], path: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    with error_path(PROG, args.debug):
+        evaluate_checkpoint(args)
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr)
 
-    try:
-        spec = get_spec(args.model)
-        device = torch.device(args.device)
-        testset = get_dataset(spec, args.data_dir, train=False, download=args.download)
-        loader = DataLoader(testset, batch_size=args.batch_size, shuffle=False,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
-        ckpt = read_checkpoint(args.load) if args.load else None
-        check_model_tag(ckpt, args.load, spec.name)
-        choice = choose_policy(args, ckpt)
-        if choice["name"] in LEARNED:
-            setup = setup_learned(spec, ckpt, choice["name"], args, log)
-        else:
-            setup = setup_fixed(spec, ckpt, choice, args, loader, device, log)
-    except (UserError, ValueError, RuntimeError) as err:
-        sys.exit(f"{PROG}: error: {err}")
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> None:
+    """Load the networks, the policy source and the test set; evaluate; print the block."""
+    spec = get_spec(args.model)
+    device = torch.device(args.device)
+    testset = get_dataset(spec, args.data_dir, train=False, download=args.download)
+    loader = DataLoader(testset, batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.workers, pin_memory=device.type == "cuda")
+    ckpt = read_checkpoint(args.load) if args.load else None
+    check_model_tag(ckpt, args.load, spec.name)
+    choice = choose_policy(args, ckpt)
+    if choice["name"] in LEARNED:
+        setup = setup_learned(spec, ckpt, choice["name"], args, log)
+    else:
+        setup = setup_fixed(spec, ckpt, choice, args, loader, device, log)
     setup.rnet.to(device)
     setup.source.to(device)
     result = evaluate(setup.rnet, setup.source, loader, device, flops=flop_table(spec.name),

@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from utils.dist import DistInfo, wrap
 from utils.engine import (Loop, Stage, curriculum_train_step, evaluate_policy, finetune_train_step,
                           fit, lr_at)
-from utils.run import RunLog
+from utils.run_folder import RunLog
 from utils.seeding import keyed_uniform
 
 K, D, CLASSES, N = 4, 6, 3, 16

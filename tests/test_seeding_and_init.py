@@ -8,7 +8,7 @@ import torchvision
 
 from models import build_policy, get_spec
 from utils.checkpoint import read_checkpoint
-from utils.cli import init_policy
+from utils.checkpoint import CheckpointError, init_policy
 from utils.data import make_loaders
 from utils.seeding import keyed_uniform, rng_state, seed_everything, set_rng_state
 
@@ -62,5 +62,5 @@ def test_policy_init_from_a_torchvision_resnet18_file(tmp_path):
     assert torch.equal(agent.features.ds[1][0].weight, tv.layer2[0].downsample[0].weight)
     assert torch.equal(agent.logit.weight, head)  # the heads keep their own initialisation
     assert not init_policy(agent, spec, None)
-    with pytest.raises(ValueError, match="ImageNet models only"):
+    with pytest.raises(CheckpointError, match="ImageNet models only"):
         init_policy(build_policy(get_spec("R32_C10")), get_spec("R32_C10"), str(path))

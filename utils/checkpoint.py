@@ -233,6 +233,21 @@ def load_torchvision_policy_init(agent: nn.Module, state: Mapping[str, torch.Ten
     load_state_strict(features, kept, source, "policy features")
 
 
+def init_policy(agent: nn.Module, spec, path: str | None) -> bool:
+    """``--policy_init``: start the policy's features from the torchvision ResNet that
+    ``spec.policy.torchvision_init`` names (resnet18 for the ImageNet ResNet-10)."""
+    if path is None:
+        return False
+    if spec.policy.torchvision_init is None:
+        raise CheckpointError(f"--policy_init: the policy network of {spec.name} has no "
+                              "torchvision counterpart (ImageNet models only)")
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    load_torchvision_policy_init(agent, state, path)
+    return True
+
+
 def load_blockdrop_checkpoint(path: str, rnet: nn.Module | None, agent: nn.Module,
                               ckpt: Any = None) -> dict[str, bool]:
     """Load a BlockDrop stage checkpoint into ``agent`` (and ``rnet`` if it holds one).

@@ -1,6 +1,8 @@
-"""Run configuration of the training scripts (STYLE convention 2, SPEC section 7).
+"""Configuration of the scripts: flags, resolution and validation (STYLE 2, SPEC section 7).
 
-Values are resolved in this order, later layers winning:
+Every script builds its parser with :func:`make_parser` (no abbreviated flags:
+``--policy`` is never read as ``--policy_init``) and the shared argument groups
+below. Values are resolved in this order, later layers winning:
 
     argparse defaults  ->  saved run config (``--resume``)  ->  YAML (``--config``)
     ->  command-line flags that were given explicitly
@@ -11,17 +13,19 @@ before the first training step.
 """
 from __future__ import annotations
 
-from utils.errors import UserError
-
 import argparse
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
+from collections.abc import Callable, Mapping, Sequence
 
+import torch
 import yaml
 
+from models import MODEL_SPECS, get_spec
+from utils.errors import UserError
+
 # keys that steer this invocation or describe this machine: never taken from a saved config
-RUN_CONTROL_KEYS = ("config", "resume", "device", "workers", "no_progress")
+RUN_CONTROL_KEYS = ("config", "resume", "device", "workers", "no_progress", "debug")
 
 
 class ConfigError(UserError, ValueError):
@@ -116,6 +120,95 @@ def save_config(args: argparse.Namespace, folder: str) -> str:
     return path
 
 
+class Parser(argparse.ArgumentParser):
+    """``argparse`` without abbreviations, whose errors are one line: ``<prog>: error: <what>``."""
+
+    def __init__(self, prog: str, description: str) -> None:
+        super().__init__(prog=prog, description=description, allow_abbrev=False)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def make_parser(prog: str, description: str) -> Parser:
+    """The parser of a script: flags must be spelled out in full."""
+    return Parser(prog, description)
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="R110_C10", help=f"one of {', '.join(MODEL_SPECS)}")
+
+
+def add_authors_args(p: argparse.ArgumentParser, *, lr: float, epoch_step: int,
+                     max_epochs: int, penalty: float, load_help: str) -> None:
+    """The flags cl_training.py and finetune.py share, with the script's defaults."""
+    add_model_arg(p)
+    p.add_argument("--lr", type=float, default=lr, help="learning rate")
+    p.add_argument("--wd", type=float, default=0.0, help="weight decay")
+    p.add_argument("--data_dir", default="data/", help="data directory")
+    p.add_argument("--load", default=None, help=load_help)
+    p.add_argument("--cv_dir", default="cv/tmp/",
+                   help="run folder: checkpoints, config.yaml, metrics.jsonl, log/")
+    p.add_argument("--batch_size", type=int, default=256,
+                   help="global batch size (split over processes under torchrun)")
+    p.add_argument("--epoch_step", type=int, default=epoch_step,
+                   help="epochs after which lr is decayed")
+    p.add_argument("--max_epochs", type=int, default=max_epochs,
+                   help="epochs to run after the first one (the authors' loop runs "
+                        "max_epochs + 1 epochs)")
+    p.add_argument("--lr_decay_ratio", type=float, default=0.1,
+                   help="lr *= lr_decay_ratio every epoch_step epochs")
+    add_parallel_arg(p)
+    p.add_argument("--penalty", type=float, default=penalty,
+                   help="gamma: reward for incorrect predictions")
+    p.add_argument("--alpha", type=float, default=0.8, help="probability bounding factor")
+
+
+def add_parallel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", action="store_true",
+                   help="use all GPUs: launch with torchrun --nproc_per_node=<GPUs> (implied "
+                        "under torchrun; without it, a machine with several GPUs is refused "
+                        "with the command to run, one GPU runs as usual)")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--workers`` and ``--debug``: shared by every script, test.py included."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading worker processes per process")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of its one-line message")
+
+
+def add_run_args(p: argparse.ArgumentParser, test_every: int = 10,
+                 base_ckpt: bool = True) -> None:
+    """The options this project adds to every training script."""
+    p.add_argument("--config", default=None,
+                   help="YAML of option values (defaults < YAML < flags given explicitly)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (exactly reproducible runs, slower)")
+    add_device_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --cv_dir from its last.t7")
+    if base_ckpt:
+        p.add_argument("--base_ckpt", default=None,
+                       help="pretrained base ResNet, used unless a checkpoint holds a 'resnet' "
+                            "(default: the model's path under cv/pretrained/)")
+    p.add_argument("--test_every", type=int, default=test_every,
+                   help="evaluate and save a checkpoint every this many epochs")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none",
+                   help="bfloat16 autocast for the forward passes (GPU; allowed on CPU)")
+    p.add_argument("--download", action="store_true", help="download CIFAR if it is missing")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
+
+
+def add_policy_init_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy_init", default=None,
+                   help="R101_ImgNet: torchvision resnet18 state-dict file that initialises the "
+                        "policy's ResNet-10 (as in the paper); never downloaded")
+
+
 def check_common(args: argparse.Namespace) -> list[str]:
     """Problems with the values shared by the training scripts (empty if none)."""
     problems = []
@@ -132,3 +225,35 @@ def check_common(args: argparse.Namespace) -> list[str]:
     if alpha is not None and not 0.5 < alpha <= 1.0:
         problems.append(f"--alpha must lie in (0.5, 1], got {alpha}")
     return problems
+
+
+def check_parallel(args: argparse.Namespace, prog: str) -> list[str]:
+    """``--parallel`` outside torchrun on a machine with several GPUs: say how to launch."""
+    several = torch.cuda.device_count() > 1
+    if getattr(args, "parallel", False) and several and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return [f"--parallel: launch with torchrun --nproc_per_node="
+                f"{torch.cuda.device_count()} {prog} ... to use every GPU"]
+    return []
+
+
+def device_problems(name: str) -> list[str]:
+    """``--device``: a device torch knows, and CUDA only where it is available."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return [f"--device {name} is not a device (expected cpu, cuda or cuda:<index>)"]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return [f"--device {name}: CUDA is not available on this machine (use --device cpu)"]
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return [f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)"]
+    return []
+
+
+def validate(args: argparse.Namespace, prog: str,
+             extra: Callable[[argparse.Namespace], list[str]] = lambda args: []) -> None:
+    """Raise ConfigError naming every problem of the resolved configuration."""
+    get_spec(args.model)  # an unknown model raises ValueError listing the valid ones
+    problems = (check_common(args) + list(extra(args)) + check_parallel(args, prog)
+                + device_problems(args.device))
+    if problems:
+        raise ConfigError("; ".join(problems))

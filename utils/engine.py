@@ -29,7 +29,7 @@ from utils.dist import DistInfo, all_true, gather_cat, gather_objects, unwrap
 from utils.flops import FlopTable
 from utils.rewards import (advantage, apply_curriculum, bounded_probs, curriculum_loss,
                            curriculum_mask, finetune_loss, greedy_policy, reward, sample_policy)
-from utils.run import LAST, RunLog
+from utils.run_folder import LAST, RunLog
 from utils.seeding import rng_state, set_rng_state
 from utils.stats import PolicyStats, mean32, policy_stats
 

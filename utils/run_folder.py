@@ -1,4 +1,4 @@
-"""The run folder of a training script: config, logs, checkpoints, resume (STYLE 6-7).
+"""The run folder of a training script: paths, logs, checkpoint names, resume state (STYLE 6-7).
 
 ``<cv_dir>/`` holds
 
@@ -17,20 +17,17 @@ Only the main process writes any of it.
 """
 from __future__ import annotations
 
-from utils.errors import UserError
-
-import argparse
 import glob
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from collections.abc import Mapping
 
 from tqdm import tqdm
 
 from utils.checkpoint import CheckpointError, read_checkpoint
-from utils.config import resolve
+from utils.errors import UserError
 
 LAST = "last.t7"
 METRICS = "metrics.jsonl"
@@ -67,25 +64,12 @@ def check_run_folder(folder: str, resume: bool) -> str | None:
     return None
 
 
-def resolve_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-                finalize: Callable[[argparse.Namespace], argparse.Namespace] = lambda a: a
-                ) -> tuple[argparse.Namespace, dict | None]:
-    """Resolve the configuration; with ``--resume``, the saved one sits below YAML and flags.
-
-    ``finalize`` fills in derived defaults (e.g. a recipe that depends on the
-    model). Returns ``(args, resume_state)``, the state being the loaded ``last.t7``.
-    """
-    args = finalize(resolve(parser, argv))
-    last = check_run_folder(args.cv_dir, args.resume)
-    if last is None:
-        return args, None
-    state = read_checkpoint(last)
+def read_resume_state(path: str) -> dict[str, Any]:
+    """The content of a ``last.t7``, checked to hold what ``--resume`` needs."""
+    state = read_checkpoint(path)
     if not isinstance(state, Mapping) or "config" not in state or "epoch" not in state:
-        raise CheckpointError(f"{last} is not a resumable checkpoint (no 'config'/'epoch')")
-    args = finalize(resolve(parser, argv, saved=state["config"]))
-    if args.model != state.get("model", args.model):
-        raise CheckpointError(f"{last} was written for model {state['model']}, not {args.model}")
-    return args, dict(state)
+        raise CheckpointError(f"{path} is not a resumable checkpoint (no 'config'/'epoch')")
+    return dict(state)
 
 
 def blockdrop_name(epoch: int, stats: Mapping[str, Any]) -> str:
