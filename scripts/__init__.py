@@ -1,0 +1,1 @@
+"""Command-line tools: benchmark, demo data (run as ``python -m scripts.<tool>``)."""

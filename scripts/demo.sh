@@ -23,7 +23,7 @@ start=$SECONDS
 stage() { echo; echo "== $1  [$((SECONDS - start)) s]"; }
 
 stage "1/6 shapes dataset: 1500 training and 500 test images, half of them hard"
-"$PY" -m utils.demo_data generate --out "$DATA" --train 1500 --test 500 --seed 0
+"$PY" -m scripts.demo_data generate --out "$DATA" --train 1500 --test 500 --seed 0
 
 stage "2/6 pretrain the base ResNet-32 (SGD, 6 epochs)"
 "$PY" pretrain_resnet.py "${COMMON[@]}" --cv_dir "$OUT/pretrain" --epochs 6 --batch_size 32 \
@@ -44,7 +44,7 @@ stage "5/6 test.py on the finetuned checkpoint (chance accuracy: 0.100; all bloc
 "$PY" test.py --model R32_C10 --data_dir "$DATA" --load "$FT" --workers 0 2>/dev/null
 
 stage "6/6 easy vs hard test images under the learned policy"
-"$PY" -m utils.demo_data compare --model R32_C10 --load "$FT" --data_dir "$DATA"
+"$PY" -m scripts.demo_data compare --model R32_C10 --load "$FT" --data_dir "$DATA"
 
 echo
 echo "done in $((SECONDS - start)) s. Run folder: $OUT"

@@ -9,8 +9,8 @@ reads them. The difficulty of every image is stored in the same pickles under
 an extra ``difficulty`` key (0 easy, 1 hard) that the loader ignores. The
 demo uses it to check the paper's Sec. 4.3 claim: hard images use more blocks.
 
-    python -m utils.demo_data generate --out runs/demo/data --train 3000 --test 1000
-    python -m utils.demo_data compare --load <checkpoint> --data_dir runs/demo/data
+    python -m scripts.demo_data generate --out runs/demo/data --train 3000 --test 1000
+    python -m scripts.demo_data compare --load <checkpoint> --data_dir runs/demo/data
 """
 from __future__ import annotations
 
@@ -155,15 +155,17 @@ def compare_difficulty(model: str, load: str, data_dir: str, base_ckpt: str = No
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="The demo's shapes dataset (CIFAR-10 format)")
+    p = argparse.ArgumentParser(prog="python -m scripts.demo_data", allow_abbrev=False,
+                                description="The demo's shapes dataset (CIFAR-10 format)")
     sub = p.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="write the dataset")
+    gen = sub.add_parser("generate", help="write the dataset", allow_abbrev=False)
     gen.add_argument("--out", required=True, help="data_dir to write cifar-10-batches-py/ into")
     gen.add_argument("--train", type=int, default=3000)
     gen.add_argument("--test", type=int, default=1000)
     gen.add_argument("--hard_fraction", type=float, default=0.5)
     gen.add_argument("--seed", type=int, default=0)
-    cmp_ = sub.add_parser("compare", help="block usage of easy vs hard test images")
+    cmp_ = sub.add_parser("compare", help="block usage of easy vs hard test images",
+                          allow_abbrev=False)
     cmp_.add_argument("--model", default="R32_C10")
     cmp_.add_argument("--load", required=True, help="BlockDrop checkpoint")
     cmp_.add_argument("--data_dir", required=True)

@@ -5,7 +5,7 @@ import torch
 
 from legacy_writer import legacy_state_dict, save_pytorch03
 from models import get_model, get_spec
-from utils import demo_data
+from scripts import demo_data
 from utils.data import get_dataset
 
 
