@@ -348,7 +348,7 @@ def format_seq(rows: list[dict]) -> str:
 
 # -- command line ------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.benchmark",
+    p = argparse.ArgumentParser(prog="python -m scripts.benchmark", allow_abbrev=False,
                                 description="BlockDrop execution-path benchmark")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_KEEP),
                    help="models of the inference part (default: %(default)s)")

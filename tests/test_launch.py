@@ -8,7 +8,7 @@ import cl_training
 import finetune
 import pretrain_resnet
 import test as test_script
-from scripts import demo_data
+from scripts import benchmark, demo_data
 from utils.errors import UserError
 from utils.launch import Script, error_path
 
@@ -27,6 +27,7 @@ def _exit(main, argv, capsys):
     (pretrain_resnet.main, ["--epoch", "3"], "--epoch"),
     (test_script.main, ["--batch", "3"], "--batch"),
     (demo_data.main, ["generate", "--out", "x", "--trai", "9"], "--trai"),
+    (benchmark.parse_args, ["--model", "R32_C10"], "--model"),  # of --models
 ])
 def test_abbreviated_flags_are_refused(main, argv, abbreviated, capsys):
     code, err = _exit(main, argv, capsys)
