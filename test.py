@@ -45,6 +45,7 @@ from utils.rewards import greedy_policy
 from utils.launch import error_path
 from utils.stats import format_eval_block, mean32
 
+PROG = "test.py"
 LEARNED = ("blockdrop", "seq")
 
 
@@ -56,8 +57,6 @@ def k_value(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-
-PROG = "test.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
