@@ -12,7 +12,7 @@ SMOKE_IMAGENET = (10, 5)  # ImageNet-style images: training and validation, in a
 
 def cifar_data(root: str, seed: int = 0) -> str:
     """A CIFAR-10-format folder of the demo's shapes under ``root`` (kept if present)."""
-    from utils.demo_data import write_demo_dataset
+    from scripts.demo_data import write_demo_dataset
 
     if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
         write_demo_dataset(root, SMOKE_TRAIN, SMOKE_TEST, seed=seed)
@@ -25,7 +25,7 @@ def imagenet_data(root: str, seed: int = 0, classes: int = 1000, used: int = 5) 
     sit in the first ``used``."""
     from PIL import Image
 
-    from utils.demo_data import generate
+    from scripts.demo_data import generate
 
     rng = np.random.default_rng(seed)
     for split, n in zip(("train", "val"), SMOKE_IMAGENET, strict=True):
