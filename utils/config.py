@@ -205,8 +205,9 @@ def add_run_args(p: argparse.ArgumentParser, test_every: int = 10,
 
 def add_policy_init_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy_init", default=None,
-                   help="R101_ImgNet: torchvision resnet18 state-dict file that initialises the "
-                        "policy's ResNet-10 (as in the paper); never downloaded")
+                   help="ImageNet policy start: 'torchvision' (download resnet18's weights), a "
+                        "state-dict PATH, or 'random'; default for a fresh curriculum run: "
+                        "resnet18 from the torch hub cache, as in the paper (else it stops)")
 
 
 def check_common(args: argparse.Namespace) -> list[str]:
