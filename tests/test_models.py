@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torchvision
-
 from helpers import randomize_bn
+
 from models import MODEL_SPECS, build_policy, build_resnet, get_model, get_spec
 from utils.checkpoint import load_base_resnet, load_torchvision_policy_init
 
