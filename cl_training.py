@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet
+from models.fast import add_fast_flags, inference_copy, options_from
 from utils.checkpoint import (CheckpointError, check_model_tag, init_policy,
                               load_blockdrop_checkpoint, load_default_base, read_checkpoint)
 from utils.config import add_authors_args, add_policy_init_arg, add_run_args, make_parser
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masked", action="store_true",
                    help="run the ResNet masked (every block for every image, the authors' way) "
                         "instead of per-image dynamic execution; same numbers")
+    add_fast_flags(p)
     return p
 
 
@@ -87,6 +89,9 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
     agent.to(ctx.device)
     ddp_agent = wrap(agent, ctx.device, ctx.info)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, weight_decay=args.wd)
+    fast = options_from(args)
+    # the frozen ResNet's two no-gradient passes per step run on an inference copy
+    step_rnet = inference_copy(rnet, fast, ctx.device)
 
     def train_modes() -> None:
         rnet.eval()
@@ -97,15 +102,16 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
 
         def step(inputs, targets, indices):
             noise = keyed_uniform(args.seed, epoch, indices, K)
-            return curriculum_train_step(rnet, ddp_agent, inputs, targets, noise, alpha=args.alpha,
-                                         beta=args.beta, penalty=args.penalty, cl_step=cl,
+            return curriculum_train_step(step_rnet, ddp_agent, inputs, targets, noise,
+                                         alpha=args.alpha, beta=args.beta,
+                                         penalty=args.penalty, cl_step=cl,
                                          dynamic=not args.masked, amp=args.amp)
         return step
 
     def test(epoch: int):
         return evaluate_policy(rnet, agent, test_loader, ctx.device, args.penalty,
                                cl_step=cl_step_at(args.cl_step, epoch, K), dynamic=not args.masked,
-                               progress=not args.no_progress and ctx.info.is_main)
+                               progress=not args.no_progress and ctx.info.is_main, fast=fast)
 
     def named_checkpoint(epoch: int, stats):
         return blockdrop_name(epoch, stats), {

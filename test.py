@@ -39,6 +39,7 @@ from utils.checkpoint import (CheckpointError, agent_type_of, check_agent_type, 
                               read_checkpoint, torchvision_to_flat)
 from utils.config import add_device_args, add_model_arg, device_problems, make_parser
 from utils.data import get_dataset
+from models.fast import add_fast_flags, options_from
 from utils.engine import evaluate
 from utils.flops import flop_table
 from utils.rewards import greedy_policy
@@ -85,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--masked", action="store_true",
                    help="run the masked forward (every block for every image) instead of "
                         "dynamic execution; same numbers, slower")
+    add_fast_flags(p)
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
@@ -247,7 +249,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     setup.rnet.to(device)
     setup.source.to(device)
     result = evaluate(setup.rnet, setup.source, loader, device, flops=flop_table(spec.name),
-                      dynamic=not args.masked)
+                      dynamic=not args.masked, fast=options_from(args))
     print(format_eval_block(result.stats, result.flops))
     if args.out:
         write_json(statistics(args, spec, setup, result, device), args.out)

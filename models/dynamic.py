@@ -22,16 +22,25 @@ give the same result in eval mode (BatchNorm uses running statistics):
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ContextManager
 
 import torch
+from torch.profiler import record_function
 
 if TYPE_CHECKING:  # the network calls into this module; no import cycle at run time
     from .resnet import FlatResNet
 
 # at most this many distinct policies in a batch: group the images by policy
 GROUP_MAX = 4
+_NO_SECTION = contextlib.nullcontext()
+
+
+def section(name: str) -> ContextManager:
+    """A named range for ``torch.profiler`` (the benchmark's ``--parts profile``); free
+    when no profiler runs (``record_function`` costs ~20 us even then)."""
+    return record_function(name) if torch.autograd._profiler_enabled() else _NO_SECTION
 
 
 # -- chunking ----------------------------------------------------------------
@@ -62,14 +71,16 @@ def in_chunks(rnet: FlatResNet, fn: Callable, x: torch.Tensor,
 def forward_dynamic(rnet: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     """Logits of ``x`` where each block runs only on the images whose (B, K) 0/1
     ``policy`` keeps it; equal to the masked ``rnet(x, policy)`` in eval mode."""
-    keep = policy_on_host(policy, x.shape[0], rnet.num_blocks)
+    with section("policy transfer"):
+        keep = policy_on_host(policy, x.shape[0], rnet.num_blocks)
     # a block's working set is the rows that keep it: chunks grow as usage falls
     usage = float(keep.float().mean()) if keep.numel() else 1.0
     return in_chunks(rnet, lambda xs, ks: _dynamic_pass(rnet, xs, ks), x, keep, max(usage, 0.25))
 
 
 def _dynamic_pass(rnet: FlatResNet, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    groups = policy_groups(keep, GROUP_MAX)
+    with section("policy transfer"):
+        groups = policy_groups(keep, GROUP_MAX)
     if groups is None:
         return rnet.head(run_blocks(rnet, rnet.stem(x), keep, 0, rnet.num_blocks))
     if len(groups) == 1:
@@ -77,10 +88,13 @@ def _dynamic_pass(rnet: FlatResNet, x: torch.Tensor, keep: torch.Tensor) -> torc
     out = None
     for vector, rows in groups:
         idx = rows.to(x.device, non_blocking=True)
-        logits = rnet.run_chain(gather(x, idx), vector)
+        with section("gather"):
+            xs = gather(x, idx)
+        logits = rnet.run_chain(xs, vector)
         if out is None:
             out = logits.new_empty((x.shape[0],) + logits.shape[1:])
-        out = write_rows(out, idx, logits)
+        with section("scatter"):
+            out = write_rows(out, idx, logits)
     return out
 
 
@@ -136,9 +150,12 @@ def run_blocks(rnet: FlatResNet, x: torch.Tensor, keep: torch.Tensor, start: int
             x = rnet.run_block(t, x, residual)
         else:
             idx = rows[t - start]
-            xs = gather(x, idx)
-            res = xs if residual is x else gather(residual, idx)
-            x = write_rows(residual, idx, rnet.run_block(t, xs, res))
+            with section("gather"):
+                xs = gather(x, idx)
+                res = xs if residual is x else gather(residual, idx)
+            out = rnet.run_block(t, xs, res)
+            with section("scatter"):
+                x = write_rows(residual, idx, out)
     return x
 
 

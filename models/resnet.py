@@ -130,6 +130,7 @@ class FlatResNet(nn.Module):
         # (stage, block) of every flat block index t
         self.block_index: list[tuple[int, int]] = [
             (s, b) for s, count in enumerate(self.layers) for b in range(count)]
+        self.stage_names = [f"stage {s + 1} blocks" for s in range(len(self.layers))]
         self._init_weights()
 
     @property
@@ -157,19 +158,24 @@ class FlatResNet(nn.Module):
 
     # -- pieces shared by every forward path ---------------------------------
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        if self.spec.stem.maxpool:
-            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
-        return x
+        with dyn.section("stem"):
+            x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+            if self.spec.stem.maxpool:
+                x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+            return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.avg_pool2d(x, self.avgpool_kernel).flatten(1)
-        return self.fc(x) if self.fc is not None else x
+        with dyn.section("head"):
+            x = F.avg_pool2d(x, self.avgpool_kernel).flatten(1)
+            return self.fc(x) if self.fc is not None else x
 
     def residual(self, t: int, x: torch.Tensor) -> torch.Tensor:
         """The value block t passes on when dropped (the stage shortcut for a first block)."""
         s, b = self.block_index[t]
-        return self.ds[s](x) if b == 0 else x
+        if b != 0:
+            return x
+        with dyn.section("shortcuts"):
+            return self.ds[s](x)
 
     def block(self, t: int) -> nn.Module:
         s, b = self.block_index[t]
@@ -177,10 +183,11 @@ class FlatResNet(nn.Module):
 
     def run_block(self, t: int, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """A kept block: relu(residual + F(x)); in place on F(x) when no gradient is built."""
-        out = self.block(t)(x)
-        if torch.is_grad_enabled():
-            return F.relu(residual + out)
-        return out.add_(residual).relu_()
+        with dyn.section(self.stage_names[self.block_index[t][0]]):
+            out = self.block(t)(x)
+            if torch.is_grad_enabled():
+                return F.relu(residual + out)
+            return out.add_(residual).relu_()
 
     def run_chain(self, x: torch.Tensor, keep: Sequence[bool]) -> torch.Tensor:
         """Stem, the blocks flagged in ``keep`` (one flag per block) and head, for the whole

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models import FlatResNet, PolicyNet, get_model, get_spec
 from models.seq import MODES, SeqAgent, SeqSource, build_seq_agent, seq_pass
 from models.sources import build_source
+from models.fast import OFF, FastOptions, inference_copy
 from utils.engine import curriculum_train_step, evaluate
 from utils.flops import flop_counter, flop_table
 from utils.rewards import greedy_policy
@@ -58,7 +59,10 @@ from utils.stats import format_eval_block, policy_stats
 # R32 gamma=5 (6.9 of 15, Table 3), R101 gamma=5 (24.8 of 33, Table 4)
 DEFAULT_KEEP = {"R110_C10": 17, "R32_C10": 7, "R101_ImgNet": 25}
 DEFAULT_BATCHES = {"R110_C10": (1, 32, 256), "R32_C10": (1, 32, 256), "R101_ImgNet": (1, 32)}
-METHODS = ("full", "masked", "single", "dynamic")
+PARTS = ("inference", "profile", "eval", "curriculum", "seq")
+METHODS = ("full_eager", "full", "masked", "single", "dynamic")
+# the models.dynamic.section names the profile part collects (plus "stage <s> blocks")
+SECTIONS = ("policy transfer", "stem", "shortcuts", "gather", "scatter", "head")
 
 
 # -- inputs ------------------------------------------------------------------
@@ -79,16 +83,17 @@ def calibrate_agent(agent: PolicyNet, images: torch.Tensor, keep_fraction: float
         agent.logit.bias.sub_(cut.to(agent.logit.bias))
 
 
-def setup(name: str, device: torch.device, seed: int, channels_last: bool = False):
-    """``(spec, generator, rnet, agent)``: randomly initialised models in eval mode on
-    ``device`` (channels_last layout if asked) and a seeded generator for the inputs."""
+def setup(name: str, device: torch.device, seed: int, fast: FastOptions = OFF):
+    """``(spec, generator, (rnet, agent), (fast rnet, fast agent))``: randomly initialised
+    models in eval mode on ``device`` as users build them, their inference copies with
+    ``fast`` applied (models.fast), and a seeded generator for the inputs."""
     spec = get_spec(name)
     torch.manual_seed(seed)
     rnet, agent = get_model(name)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    rnet.to(device, memory_format=layout).eval()
-    agent.to(device, memory_format=layout).eval()
-    return spec, torch.Generator().manual_seed(seed), rnet, agent
+    rnet.to(device).eval()
+    agent.to(device).eval()
+    fast_nets = inference_copy(rnet, fast, device), inference_copy(agent, fast, device)
+    return spec, torch.Generator().manual_seed(seed), (rnet, agent), fast_nets
 
 
 # -- timing ------------------------------------------------------------------
@@ -144,37 +149,100 @@ def autocast(device: torch.device, bf16: bool):
 # -- part 1: inference -------------------------------------------------------
 def bench_inference(name: str, batch: int, keep: int, repeats: int, warmup: int,
                     device: torch.device, seed: int = 0, single_images: int = 32,
-                    channels_last: bool = False, bf16: bool = False,
+                    fast: FastOptions = OFF, bf16: bool = False,
                     min_time: float = 0.0) -> dict:
-    """Per-image times of every method on one model and batch size."""
-    spec, gen, rnet, agent = setup(name, device, seed, channels_last)
+    """Per-image times of every method on one model and batch size. ``full_eager`` is
+    the full ResNet as users build it; every other method runs on the inference copies
+    (``fast``), and speedups are against the full ResNet on those (``full``)."""
+    spec, gen, (rnet, _), (frnet, fagent) = setup(name, device, seed, fast)
     x = torch.rand(batch, 3, spec.image_size, spec.image_size, generator=gen).to(device)
     policy = random_policies(batch, rnet.num_blocks, keep, gen).to(device)
     n_single = min(batch, single_images)
 
     def single_loop():  # the authors' timing: one image at a time with its own policy
         for i in range(n_single):
-            agent(x[i:i + 1])
-            rnet.forward_single(x[i:i + 1], policy[i])
+            fagent(x[i:i + 1])
+            frnet.forward_single(x[i:i + 1], policy[i])
 
     fns = {
-        "full": lambda: rnet.forward_full(x),
-        "masked": lambda: (agent(x), rnet(x, policy)),
+        "full_eager": lambda: rnet.forward_full(x),
+        "full": lambda: frnet.forward_full(x),
+        "masked": lambda: (fagent(x), frnet(x, policy)),
         "single": single_loop,
-        "dynamic": lambda: (agent(x), rnet.forward_dynamic(x, policy)),
+        "dynamic": lambda: (fagent(x), frnet.forward_dynamic(x, policy)),
     }
     with torch.inference_mode(), autocast(device, bf16):
         med = time_interleaved(fns, repeats, warmup, Clock(device), min_time)
     per_image = {m: med[m] / (n_single if m == "single" else batch) for m in METHODS}
     table = flop_table(name)
     policy_flops = float(table.per_image(policy.cpu()).double().mean())
+    bound = table.full_resnet / policy_flops
     return {
         "model": name, "batch": batch, "keep": keep, "num_blocks": rnet.num_blocks,
         "ms_per_image": {m: 1e3 * t for m, t in per_image.items()},
         "speedup": {m: per_image["full"] / per_image[m] for m in METHODS},
-        "flop_bound": table.full_resnet / policy_flops,
+        "flop_bound": bound,
+        "share_of_bound": per_image["full"] / per_image["dynamic"] / bound,
         "single_images": n_single,
     }
+
+
+# -- part 1b: profile ----------------------------------------------------------
+def stage_flops(name: str, policy: torch.Tensor) -> dict[str, float]:
+    """Mean FLOPs per image of each stage's kept blocks under ``policy`` (B, K)."""
+    table, spec = flop_table(name), get_spec(name)
+    costs = torch.tensor(table.block_costs, dtype=torch.float64) * policy.double().mean(0)
+    out, start = {}, 0
+    for s, count in enumerate(spec.layers):
+        out[f"stage {s + 1} blocks"] = float(costs[start:start + count].sum())
+        start += count
+    return out
+
+
+def profile_sections(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    """Seconds per call of ``fn`` in each ``models.dynamic.section`` (torch.profiler),
+    plus ``other`` (the rest) and ``total``, all measured under the profiler."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        total = (time.perf_counter() - start) / repeats
+    sums: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.name in SECTIONS or ev.name.startswith("stage "):
+            sums[ev.name] = sums.get(ev.name, 0.0) + ev.cpu_time_total * 1e-6 / repeats
+    sums["other"] = max(0.0, total - sum(sums.values()))
+    sums["total"] = total
+    return sums
+
+
+def bench_profile(name: str, batch: int, keep: int, repeats: int, device: torch.device,
+                  seed: int = 0, fast: FastOptions = OFF) -> dict:
+    """Where the time of the full ResNet, of dynamic execution and of the policy network
+    goes, per component (ms per image). Shares come from one profiled run; they are
+    scaled to the unprofiled time of each path, timed interleaved."""
+    spec, gen, _, (frnet, fagent) = setup(name, device, seed, fast)
+    x = torch.rand(batch, 3, spec.image_size, spec.image_size, generator=gen).to(device)
+    policy = random_policies(batch, frnet.num_blocks, keep, gen).to(device)
+    fns = {"full": lambda: frnet.forward_full(x),
+           "dynamic": lambda: frnet.forward_dynamic(x, policy),
+           "policy network": lambda: fagent(x)}
+    with torch.inference_mode():
+        med = time_interleaved(fns, repeats, 1, Clock(device), 0.2)
+        profiled = {path: profile_sections(fn, repeats) for path, fn in fns.items()}
+    table = flop_table(name)
+    flops = {"full": stage_flops(name, torch.ones_like(policy.cpu())),
+             "dynamic": stage_flops(name, policy.cpu())}
+    flops["policy network"] = {"total": float(table.policy)}
+    paths = {}
+    for path, parts in profiled.items():
+        scale = med[path] / parts["total"] / batch
+        ms = {k: 1e3 * v * scale for k, v in parts.items()}
+        rate = {k: f / (ms[k] * 1e-3) / 1e9 for k, f in flops[path].items() if ms.get(k)}
+        paths[path] = {"ms_per_image": ms, "gflop_per_s": rate}
+    return {"model": name, "batch": batch, "keep": keep, "num_blocks": frnet.num_blocks,
+            "paths": paths}
 
 
 # -- part 2: test.py evaluation ----------------------------------------------
@@ -200,9 +268,10 @@ def authors_eval_loop(rnet: FlatResNet, agent: PolicyNet, dataset: TensorDataset
 
 
 def bench_eval(name: str, images: int, batch: int, keep: int, repeats: int,
-               device: torch.device, seed: int = 0, channels_last: bool = False) -> dict:
-    """images/s of ``utils.engine.evaluate`` and of the authors' batch-1 loop."""
-    spec, gen, rnet, agent = setup(name, device, seed, channels_last)
+               device: torch.device, seed: int = 0, fast: FastOptions = OFF) -> dict:
+    """images/s of ``utils.engine.evaluate`` (test.py, with its inference copies ``fast``)
+    and of the authors' batch-1 loop on the networks as built."""
+    spec, gen, (rnet, agent), _ = setup(name, device, seed)
     x = torch.rand(images, 3, spec.image_size, spec.image_size, generator=gen)
     y = torch.randint(0, spec.num_classes, (images,), generator=gen)
     calibrate_agent(agent, x[:256].to(device), keep / rnet.num_blocks)
@@ -212,7 +281,7 @@ def bench_eval(name: str, images: int, batch: int, keep: int, repeats: int,
     results = {}
 
     def batched():
-        res = evaluate(rnet, agent, loader, device, flops=table, progress=False)
+        res = evaluate(rnet, agent, loader, device, flops=table, progress=False, fast=fast)
         results["batched"] = format_eval_block(res.stats, res.flops)
 
     def authors():
@@ -234,10 +303,11 @@ def bench_eval(name: str, images: int, batch: int, keep: int, repeats: int,
 # -- part 3: curriculum step -------------------------------------------------
 def bench_curriculum(name: str, batch: int, keep_fraction: float, repeats: int,
                      warmup: int, device: torch.device, seed: int = 0,
-                     channels_last: bool = False) -> dict:
-    """steps/s of the curriculum step (policy forward+backward+Adam included),
-    every block decided, with the masked and the dynamic ResNet passes."""
-    spec, gen, rnet, agent = setup(name, device, seed, channels_last)
+                     fast: FastOptions = OFF) -> dict:
+    """steps/s of the engine's curriculum step (policy forward+backward+Adam included),
+    every block decided: the authors' way (the ResNet as built, masked) and
+    cl_training.py's (its inference copy ``fast``, one ``forward_policies`` pass)."""
+    spec, gen, (rnet, agent), (frnet, _) = setup(name, device, seed, fast)
     x = torch.rand(batch, 3, spec.image_size, spec.image_size, generator=gen).to(device)
     y = torch.randint(0, spec.num_classes, (batch,), generator=gen).to(device)
     agent.train()  # the policy trains with batch statistics
@@ -247,8 +317,9 @@ def bench_curriculum(name: str, batch: int, keep_fraction: float, repeats: int,
 
     def step(dynamic: bool):
         noise = torch.rand(batch, rnet.num_blocks, generator=gen).to(device)
-        out = curriculum_train_step(rnet, agent, x, y, noise, alpha=0.8, beta=0.1,
-                                    penalty=-10.0, cl_step=rnet.num_blocks, dynamic=dynamic)
+        out = curriculum_train_step(frnet if dynamic else rnet, agent, x, y, noise, alpha=0.8,
+                                    beta=0.1, penalty=-10.0, cl_step=rnet.num_blocks,
+                                    dynamic=dynamic)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -301,7 +372,7 @@ def bench_seq(name: str, batch: int, keep: int, repeats: int, warmup: int,
     Both policies are calibrated to keep about ``keep`` blocks per image; every method
     runs the same ``max(batch, images)`` images in batches of ``batch``, so that the
     blocks used are averaged over the same images."""
-    spec, gen, rnet, agent = setup(name, device, seed)
+    spec, gen, (rnet, agent), _ = setup(name, device, seed)
     count = max(batch, images)
     x = torch.rand(count, 3, spec.image_size, spec.image_size, generator=gen).to(device)
     chunks = x.split(batch)
@@ -366,8 +437,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parts", nargs="+", default=["inference", "eval", "curriculum", "seq"],
-                   choices=["inference", "eval", "curriculum", "seq"])
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--profile-models", nargs="+", default=["R110_C10", "R32_C10"])
+    p.add_argument("--profile-batches", nargs="+", type=int, default=[32, 256])
     p.add_argument("--seq-models", nargs="+", default=list(SEQ_MODELS),
                    help="models of the BlockDrop-seq part (Table 2; default: %(default)s)")
     p.add_argument("--seq-batches", nargs="+", type=int, default=list(SEQ_BATCHES),
@@ -387,12 +459,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="smoke run: 3 repeats, 1 warm-up, batch sizes 1 and 8, 32 eval "
                         "images, curriculum batch 32, BlockDrop-seq on R32_C10 with batches "
                         "1 and 4 (explicit flags still win)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="both networks in channels_last layout, for every method (on a "
-                        "GPU: UNMEASURED)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="inference copies in channels_last layout (default: as test.py on "
+                        "the device, i.e. on the CPU)")
+    p.add_argument("--no-fold", action="store_true",
+                   help="inference copies keep BatchNorm separate (default: folded, as test.py)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast inference, CUDA only "
                                                        "(UNMEASURED)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="print the markdown report of a benchmark JSON (measures nothing)")
+    p.add_argument("--doc", default=None, metavar="MD",
+                   help="with --render: write the report between the benchmark markers of "
+                        "this page (docs/speed.md) instead of printing it")
     args = p.parse_args(argv)
     if args.quick:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
@@ -406,7 +485,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                   ("--single-images", "single_images", 4),
                                   ("--seq-models", "seq_models", ["R32_C10"]),
                                   ("--seq-batches", "seq_batches", [1, 4]),
-                                  ("--seq-images", "seq_images", 4)):
+                                  ("--seq-images", "seq_images", 4),
+                                  ("--profile-batches", "profile_batches", [8])):
             if flag not in given:
                 setattr(args, dest, value)
     _validate(p, args)
@@ -414,7 +494,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in args.models + args.eval_models + [args.cl_model] + args.seq_models:
+    for name in args.models + args.eval_models + args.profile_models + [args.cl_model] + \
+            args.seq_models:
         try:
             get_spec(name)
         except ValueError as err:
@@ -431,7 +512,7 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if not 0 <= int(value) <= k:
             p.error(f"--keep {name}: N must be in [0, {k}] (K of {name}), got {value}")
         keep[name] = int(value)
-    for name in args.models + args.eval_models + args.seq_models:
+    for name in args.models + args.eval_models + args.seq_models + args.profile_models:
         if name not in keep:
             p.error(f"no default keep count for {name}; pass --keep {name}=N")
     args.keep_counts = keep
@@ -449,6 +530,8 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--seq-batches must be at least 1, got {args.seq_batches}")
     if args.batch_sizes is not None and min(args.batch_sizes) < 1:
         p.error(f"--batch-sizes must be at least 1, got {args.batch_sizes}")
+    if min(args.profile_batches) < 1:
+        p.error(f"--profile-batches must be at least 1, got {args.profile_batches}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
     if not 0.0 < args.cl_keep_fraction < 1.0:
@@ -466,69 +549,170 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def machine_info(device: torch.device) -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "device": str(device)}
+            "cpu": _cpu_name(), "threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- tables (markdown; printed and rendered into docs/speed.md) ---------------
+def _table(head: Sequence[str], rows: list[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|:---|" + "|".join("---:" for _ in head[1:]) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def format_inference(rows: list[dict]) -> str:
-    head = ("model        batch keep  | ms/image: full  masked  single dynamic | speedup: "
-            "masked single dynamic | FLOP bound")
-    lines = [head, "-" * len(head)]
+    head = ["model", "batch", "keep", "full eager ms/img", "full ms/img", "masked", "single",
+            "dynamic", "dynamic vs full", "FLOP bound", "share of bound"]
+    out = []
     for r in rows:
         ms, sp = r["ms_per_image"], r["speedup"]
-        lines.append(f"{r['model']:<12} {r['batch']:>5} {r['keep']:>2}/{r['num_blocks']:<2} |"
-                     f" {ms['full']:>13.3f} {ms['masked']:>7.3f} {ms['single']:>7.3f}"
-                     f" {ms['dynamic']:>7.3f} | {sp['masked']:>15.2f}x {sp['single']:>5.2f}x"
-                     f" {sp['dynamic']:>6.2f}x | {r['flop_bound']:>9.2f}x")
-    return "\n".join(lines)
+        out.append([r["model"], str(r["batch"]), f"{r['keep']}/{r['num_blocks']}",
+                    f"{ms['full_eager']:.3f}", f"{ms['full']:.3f}", f"{ms['masked']:.3f}",
+                    f"{ms['single']:.3f}", f"{ms['dynamic']:.3f}", f"{sp['dynamic']:.2f}x",
+                    f"{r['flop_bound']:.2f}x", f"{100 * r['share_of_bound']:.0f}%"])
+    return _table(head, out)
+
+
+def format_profile(r: dict) -> str:
+    paths = r["paths"]
+    names = list(dict.fromkeys(k for p in paths.values() for k in p["ms_per_image"]))
+    names = [n for n in names if n not in ("other", "total")] + ["other", "total"]
+
+    def cell(path: str, name: str) -> str:
+        ms = paths[path]["ms_per_image"].get(name)
+        if ms is None:
+            return "-"
+        rate = paths[path]["gflop_per_s"].get(name)
+        return f"{ms:.3f}" + (f" ({rate:.1f})" if rate else "")
+
+    rows = [[n] + [cell(p, n) for p in paths] for n in names]
+    title = (f"{r['model']}, batch {r['batch']}, keep {r['keep']}/{r['num_blocks']}: "
+             "ms per image (GFLOP/s)")
+    return title + "\n\n" + _table(["component"] + list(paths), rows)
+
+
+def format_eval(r: dict) -> str:
+    ips = r["images_per_s"]
+    return (f"test.py evaluation, {r['model']}, {r['images']} images, batch {r['batch']}: "
+            f"{ips['batched']:.1f} images/s; the authors' batch-1 loop {ips['authors']:.1f} "
+            f"images/s; speedup {r['speedup']:.2f}x; same printed statistics: "
+            f"{r['same_statistics']}")
+
+
+def format_curriculum(r: dict) -> str:
+    sps = r["steps_per_s"]
+    return (f"Curriculum step, {r['model']} batch {r['batch']}, cl_step {r['cl_step']}, "
+            f"greedy keeps {r['greedy_blocks']:.1f} blocks, sampled {r['sampled_blocks']:.1f}: "
+            f"masked {sps['masked']:.3f} steps/s, fast {sps['dynamic']:.3f} steps/s, "
+            f"speedup {r['speedup']:.2f}x")
+
+
+def render(result: dict) -> str:
+    """The markdown report of a benchmark JSON (docs/speed.md's measured section)."""
+    m, st = result["machine"], result["settings"]
+    fast = result.get("fast", {})
+    parts = [f"Measured {m['date'][:10]} on {m['cpu']} ({m['device']}, {m['threads']} "
+             f"thread(s)), torch {m['torch']}, Python {m['python']}"
+             + (f", GPU {m['gpu']}" if "gpu" in m else "") + ".",
+             f"Command: `python -m scripts.benchmark {' '.join(result['argv'])}`; inference "
+             f"copies: BatchNorm folded: {fast.get('fold_bn')}, channels_last: "
+             f"{fast.get('channels_last')}; median of {st['repeats']} interleaved rounds."]
+    if "inference" in result:
+        parts.append("Inference, policy network included in masked/single/dynamic; speedups "
+                     "against the full ResNet with the same inference copies (`full`); "
+                     "`full eager` is the ResNet as built:\n\n"
+                     + format_inference(result["inference"]))
+    for r in result.get("profile", []):
+        parts.append(format_profile(r))
+    for r in result.get("eval", []):
+        parts.append(format_eval(r) + ":\n\n```\n" + r["printed"].strip("\n") + "\n```")
+    if "curriculum" in result:
+        parts.append(format_curriculum(result["curriculum"]))
+    if result.get("seq"):
+        parts.append("Table 2, BlockDrop vs BlockDrop-seq (networks as built):\n\n```\n"
+                     + format_seq(result["seq"]) + "\n```")
+    return "\n\n".join(parts) + "\n"
+
+
+BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+
+
+def render_into(json_path: str, doc: str | None) -> None:
+    """Print the report of ``json_path``, or replace the part of ``doc`` between the
+    BEGIN and END markers with it."""
+    with open(json_path) as f:
+        text = render(json.load(f))
+    if doc is None:
+        print(text, end="")
+        return
+    with open(doc) as f:
+        page = f.read()
+    if BEGIN not in page or END not in page:
+        sys.exit(f"benchmark: error: {doc} has no {BEGIN} ... {END} markers")
+    head, rest = page.split(BEGIN, 1)
+    page = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
+    with open(doc, "w") as f:
+        f.write(page)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.render:
+        render_into(args.render, args.doc)
+        return {}
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    fast = FastOptions(fold_bn=not args.no_fold, channels_last=args.channels_last)
     result = {"machine": machine_info(device),
               "argv": list(argv if argv is not None else sys.argv[1:]),
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+              "settings": {k: v for k, v in vars(args).items() if k != "out"},
+              "fast": {"fold_bn": fast.fold_bn, "channels_last": fast.layout_for(device)}}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {device}, "
-          f"layout {'channels_last' if args.channels_last else 'NCHW'}")
+          f"inference copies: {result['fast']}")
     if "inference" in args.parts:
         rows = []
         for name in args.models:
-            batches = args.batch_sizes or DEFAULT_BATCHES.get(name, (1, 32, 256))
-            for batch in batches:
+            for batch in args.batch_sizes or DEFAULT_BATCHES.get(name, (1, 32, 256)):
                 rows.append(bench_inference(
                     name, batch, args.keep_counts[name], args.repeats, args.warmup, device,
-                    args.seed, args.single_images, args.channels_last, args.bf16,
-                    args.min_time))
+                    args.seed, args.single_images, fast, args.bf16, args.min_time))
                 print(format_inference(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         result["inference"] = rows
-        print("Inference, policy network included in masked/single/dynamic "
-              f"(median of {args.repeats}):\n" + format_inference(rows) + "\n")
+        print("Inference (median of %d):\n%s\n" % (args.repeats, format_inference(rows)))
+    if "profile" in args.parts:
+        result["profile"] = []
+        for name in args.profile_models:
+            for batch in args.profile_batches:
+                r = bench_profile(name, batch, args.keep_counts[name], args.repeats, device,
+                                  args.seed, fast)
+                result["profile"].append(r)
+                print(format_profile(r) + "\n", flush=True)
     if "eval" in args.parts:
         result["eval"] = []
         for name in args.eval_models:
             r = bench_eval(name, args.eval_images, args.eval_batch, args.keep_counts[name],
-                           args.eval_repeats, device, args.seed, args.channels_last)
+                           args.eval_repeats, device, args.seed, fast)
             result["eval"].append(r)
-            ips = r["images_per_s"]
-            print(f"test.py evaluation, {name}, {r['images']} images: batched dynamic "
-                  f"{ips['batched']:.1f} img/s, authors' batch-1 loop {ips['authors']:.1f} "
-                  f"img/s, speedup {r['speedup']:.2f}x, same statistics: "
-                  f"{r['same_statistics']}{r['printed'].rstrip()}\n")
+            print(format_eval(r) + "\n" + r["printed"])
     if "curriculum" in args.parts:
         r = bench_curriculum(args.cl_model, args.cl_batch, args.cl_keep_fraction,
-                             args.cl_repeats, 1, device, args.seed, args.channels_last)
+                             args.cl_repeats, 1, device, args.seed, fast)
         result["curriculum"] = r
-        sps = r["steps_per_s"]
-        print(f"Curriculum step, {r['model']} batch {r['batch']}, cl_step {r['cl_step']}, "
-              f"greedy keeps {r['greedy_blocks']:.1f} blocks, sampled {r['sampled_blocks']:.1f}:"
-              f" masked {sps['masked']:.3f} steps/s, forward_policies {sps['dynamic']:.3f} "
-              f"steps/s, speedup {r['speedup']:.2f}x")
+        print(format_curriculum(r))
     if "seq" in args.parts:
         rows = []
         for name in args.seq_models:

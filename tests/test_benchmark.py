@@ -13,7 +13,8 @@ from scripts.benchmark import calibrate_agent, main, random_policies
 TINY = ["--quick", "--models", "R32_C10", "--batch-sizes", "1", "3", "--repeats", "1",
         "--warmup", "0", "--single-images", "2", "--eval-models", "R32_C10",
         "--eval-images", "6", "--eval-batch", "4", "--cl-model", "R32_C10", "--cl-batch", "4",
-        "--cl-repeats", "1", "--seq-batches", "1", "2", "--seq-images", "2"]
+        "--cl-repeats", "1", "--seq-batches", "1", "2", "--seq-images", "2",
+        "--profile-models", "R32_C10", "--profile-batches", "2"]
 
 
 def test_quick_run_writes_json(tmp_path, capsys):
@@ -27,10 +28,17 @@ def test_quick_run_writes_json(tmp_path, capsys):
     assert [(r["model"], r["batch"], r["keep"]) for r in rows] == [("R32_C10", 1, 7),
                                                                   ("R32_C10", 3, 7)]
     for r in rows:
-        assert set(r["ms_per_image"]) == {"full", "masked", "single", "dynamic"}
+        assert set(r["ms_per_image"]) == {"full_eager", "full", "masked", "single", "dynamic"}
         assert all(v > 0 for v in r["ms_per_image"].values())
         assert r["speedup"]["full"] == 1.0
         assert 1.0 < r["flop_bound"] < 137725184 / 24479744  # below full / policy-net FLOPs
+    assert data["fast"] == {"fold_bn": True, "channels_last": True}  # test.py's CPU defaults
+    (prof,) = data["profile"]
+    assert set(prof["paths"]) == {"full", "dynamic", "policy network"}
+    dyn = prof["paths"]["dynamic"]["ms_per_image"]
+    assert {"stem", "stage 1 blocks", "stage 3 blocks", "gather", "scatter", "head",
+            "total"} <= set(dyn)
+    assert abs(sum(v for k, v in dyn.items() if k != "total") - dyn["total"]) < 1e-6 * dyn["total"]
     (ev,) = data["eval"]
     assert ev["same_statistics"] is True and ev["images"] == 6
     assert all(v > 0 for v in ev["images_per_s"].values())
@@ -68,6 +76,21 @@ def test_bad_flags_are_rejected(flags, message, capsys):
         main(["--quick"] + flags)
     assert exc.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_render_writes_between_the_markers(tmp_path, capsys):
+    out, doc = tmp_path / "bench.json", tmp_path / "speed.md"
+    main(TINY + ["--parts", "inference", "--out", str(out)])
+    capsys.readouterr()
+    doc.write_text("# Speed\n\nmethod\n<!-- benchmark:begin -->\nSTALE\n"
+                   "<!-- benchmark:end -->\ntail\n")
+    main(["--render", str(out), "--doc", str(doc)])
+    page = doc.read_text()
+    assert page.startswith("# Speed\n\nmethod\n<!-- benchmark:begin -->\nMeasured ")
+    assert "STALE" not in page and page.endswith("<!-- benchmark:end -->\ntail\n")
+    assert "| R32_C10 | 3 | 7/15 |" in page and torch.__version__ in page
+    main(["--render", str(out)])
+    assert capsys.readouterr().out in page
 
 
 def test_random_policies_keep_exactly_k():

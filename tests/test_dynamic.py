@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomize_bn
 
 from models import get_model
 from models.dynamic import chunk_size
+from models.fast import FastOptions, inference_copy
 from scripts.benchmark import random_policies
 from utils.engine import curriculum_train_step
 
@@ -144,11 +146,10 @@ def test_forward_policies_equal_masked(name):
     assert rnet.forward_policies(x, []) == []
 
 
-@pytest.mark.parametrize("cl_step", [3, 15])
-def test_fast_curriculum_step_matches_masked(cl_step):
-    """The engine's curriculum step: two masked forwards vs one forward_policies pass
-    give the same policies, rewards, loss and policy gradient."""
-    rnet, agent = _models("R32_C10")
+def curriculum_steps(runs, cl_step: int):
+    """The engine's curriculum step of one batch, once per ``(resnet, dynamic)`` in
+    ``runs``, from the same policy weights: ``[(StepOutput, policy gradients)]``."""
+    _, agent = _models("R32_C10")
     agent.train()
     start = {k: v.clone() for k, v in agent.state_dict().items()}
     gen = torch.Generator().manual_seed(4)
@@ -156,19 +157,26 @@ def test_fast_curriculum_step_matches_masked(cl_step):
     y = torch.randint(0, 10, (8,), generator=gen)
     noise = torch.rand(8, 15, generator=gen)
     results = []
-    for dynamic in (False, True):
+    for net, dynamic in runs:
         agent.load_state_dict(start)
         agent.zero_grad()
-        out = curriculum_train_step(rnet, agent, x, y, noise, alpha=0.8, beta=0.1,
+        out = curriculum_train_step(net, agent, x, y, noise, alpha=0.8, beta=0.1,
                                     penalty=-10.0, cl_step=cl_step, dynamic=dynamic)
         out.loss.backward()
-        grads = [p.grad.clone() for p in agent.parameters() if p.grad is not None]
-        results.append((out.loss.detach(), out.reward, out.match, out.policy, grads))
-    (l0, r0, m0, s0, g0), (l1, r1, m1, s1, g1) = results
-    assert torch.equal(s0, s1)
-    assert (s0[:, :15 - cl_step] == 1).all()
-    assert torch.equal(r0, r1) and torch.equal(m0, m1)
-    assert torch.equal(l0, l1)
+        results.append((out, [p.grad.clone() for p in agent.parameters() if p.grad is not None]))
+    return results
+
+
+@pytest.mark.parametrize("cl_step", [3, 15])
+def test_fast_curriculum_step_matches_masked(cl_step):
+    """The engine's curriculum step: two masked forwards vs one forward_policies pass
+    give the same policies, rewards, loss and policy gradient."""
+    rnet, _ = _models("R32_C10")
+    (o0, g0), (o1, g1) = curriculum_steps([(rnet, False), (rnet, True)], cl_step)
+    assert torch.equal(o0.policy, o1.policy)
+    assert (o0.policy[:, :15 - cl_step] == 1).all()
+    assert torch.equal(o0.reward, o1.reward) and torch.equal(o0.match, o1.match)
+    assert torch.equal(o0.loss, o1.loss)
     assert len(g0) == len(g1) > 0
     for a, b in zip(g0, g1, strict=True):
         assert torch.equal(a, b)
@@ -207,3 +215,51 @@ def test_empty_batch():
     with torch.no_grad():
         out = rnet.forward_dynamic(torch.rand(0, 3, 32, 32), torch.zeros(0, rnet.num_blocks))
     assert out.shape == (0, 10)
+
+
+FAST = [FastOptions(fold_bn=True, channels_last=False), FastOptions(fold_bn=False,
+        channels_last=True), FastOptions(fold_bn=True, channels_last=True)]
+
+
+@pytest.mark.parametrize("fast", FAST)
+@pytest.mark.parametrize("name,size,batch", [("R110_C10", 32, 5), ("R101_ImgNet", 224, 2)])
+def test_inference_copies_equal_the_masked_network(name, size, batch, fast):
+    """Folded BatchNorm and channels_last: every path of the copy equals the masked
+    forward of the original (random BatchNorm statistics); the original is unchanged."""
+    rnet, agent = _models(name)
+    randomize_bn(rnet, seed=1)
+    randomize_bn(agent, seed=2)
+    before = {k: v.clone() for k, v in rnet.state_dict().items()}
+    frnet, fagent = inference_copy(rnet, fast), inference_copy(agent, fast)
+    has_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in frnet.modules())
+    assert has_bn != fast.fold_bn
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(batch, 3, size, size, generator=gen)
+    policies = policy_batch(batch, rnet.num_blocks, gen)
+    with torch.no_grad():
+        assert_same_logits(agent(x)[0], fagent(x)[0])
+        for policy in policies.values():
+            expected = rnet(x, policy)
+            assert_same_logits(expected, frnet(x, policy))
+            assert_same_logits(expected, frnet.forward_dynamic(x, policy))
+            assert_same_logits(expected[:1], frnet.forward_single(x[:1], policy[0]))
+            fast_logits = frnet.forward_policies(x, [policy, policies["random"]])
+            assert_same_logits(expected, fast_logits[0])
+        assert_same_logits(rnet.forward_full(x), frnet.forward_full(x))
+    assert all(torch.equal(before[k], v) for k, v in rnet.state_dict().items())
+
+
+@pytest.mark.parametrize("fast", FAST)
+def test_fast_curriculum_step_on_an_inference_copy_matches_masked(fast):
+    """cl_training.py's default: the step's ResNet passes on the inference copy, dynamic;
+    the authors' way: the network as built, masked. Same policies and rewards, the same
+    loss and gradient up to float rounding."""
+    rnet, _ = _models("R32_C10")
+    randomize_bn(rnet, seed=1)
+    (o0, g0), (o1, g1) = curriculum_steps(
+        [(rnet, False), (inference_copy(rnet, fast), True)], cl_step=5)
+    assert torch.equal(o0.policy, o1.policy) and torch.equal(o0.reward, o1.reward)
+    assert torch.allclose(o0.loss, o1.loss, rtol=1e-6, atol=1e-7)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

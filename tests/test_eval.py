@@ -100,6 +100,9 @@ def test_prints_what_the_authors_batch1_loop_prints(tmp_path, capsys, name):
     masked = _run(capsys, ["--model", name, "--load", ckpt, "--data_dir", data, "--masked",
                            "--workers", "0"])
     assert masked == expected + "\n"
+    plain = _run(capsys, ["--model", name, "--load", ckpt, "--data_dir", data, "--no_fold",
+                          "--no_channels_last", "--workers", "0"])  # the fast defaults off
+    assert plain == expected + "\n"
 
 
 def test_agent_only_checkpoint_uses_the_default_base_path(tmp_path, capsys, monkeypatch):

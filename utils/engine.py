@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from models import FlatResNet
 from models.sources import PolicySource, as_source
+from models.fast import DEFAULT as DEFAULT_FAST
+from models.fast import FastOptions, inference_copy, inference_source
 from utils.checkpoint import (CheckpointError, NonFiniteError, first_non_finite, load_state_strict,
                               save_checkpoint)
 from utils.dist import DistInfo, all_true, gather_cat, gather_objects, unwrap
@@ -47,7 +49,8 @@ class EvalResult:
 def evaluate(rnet: FlatResNet, source: PolicySource | nn.Module, loader: Iterable,
              device: torch.device, flops: FlopTable | None = None,
              penalty: float | None = None, cl_step: int | None = None,
-             dynamic: bool = True, progress: bool = True, desc: str = "test") -> EvalResult:
+             dynamic: bool = True, progress: bool = True, desc: str = "test",
+             fast: FastOptions = DEFAULT_FAST) -> EvalResult:
     """Run ``source``'s decisions over ``loader`` and collect the paper's statistics.
 
     ``source``: a policy source (:mod:`models.sources`); a policy network is taken
@@ -55,11 +58,13 @@ def evaluate(rnet: FlatResNet, source: PolicySource | nn.Module, loader: Iterabl
     ResNet's under the policy plus ``source.policy_flops`` (0 for a fixed policy).
     ``cl_step``: during curriculum learning only the last ``cl_step`` blocks are
     decided, the others kept. ``dynamic`` runs each block only on the images that
-    keep it; ``False`` uses the masked ``forward``.
+    keep it; ``False`` uses the masked ``forward``. ``fast``: the inference
+    optimisations applied to copies of the ResNet and the policy network (models.fast).
     """
     source = as_source(source, flops.policy if flops is not None else 0)
     rnet.eval()
     source.eval()
+    rnet, source = inference_copy(rnet, fast, device), inference_source(source, fast, device)
     policies, matches, rewards = [], [], []
     for inputs, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         inputs = inputs.to(device, non_blocking=True)
@@ -268,13 +273,14 @@ def train_epoch(step: StepFn, loader: Iterable, optimizer: torch.optim.Optimizer
 
 def evaluate_policy(rnet: FlatResNet, source: PolicySource | nn.Module, loader: Iterable,
                     device: torch.device, penalty: float, cl_step: int | None = None,
-                    dynamic: bool = True, progress: bool = True) -> dict[str, float]:
+                    dynamic: bool = True, progress: bool = True,
+                    fast: FastOptions = DEFAULT_FAST) -> dict[str, float]:
     """Test statistics of ``source`` (a policy source or a policy network), gathered
     over processes that each hold a shard."""
     if isinstance(source, nn.Module):
         source = unwrap(source)
     result = evaluate(unwrap(rnet), source, loader, device, penalty=penalty,
-                      cl_step=cl_step, dynamic=dynamic, progress=progress)
+                      cl_step=cl_step, dynamic=dynamic, progress=progress, fast=fast)
     stats = policy_stats(gather_cat(result.policies), gather_cat(result.matches),
                          gather_cat(result.rewards))
     return asdict(stats)
