@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ContextManager
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import record_function
@@ -37,7 +38,7 @@ GROUP_MAX = 4
 _NO_SECTION = contextlib.nullcontext()
 
 
-def section(name: str) -> ContextManager:
+def section(name: str) -> AbstractContextManager:
     """A named range for ``torch.profiler`` (the benchmark's ``--parts profile``); free
     when no profiler runs (``record_function`` costs ~20 us even then)."""
     return record_function(name) if torch.autograd._profiler_enabled() else _NO_SECTION
