@@ -48,7 +48,7 @@ def timing_parser() -> argparse.ArgumentParser:
                    help="batch size of the timed forward passes (default 1, the paper's; "
                         "table2 times batch 1 and this, default 32)")
     g.add_argument("--time_images", type=int, default=None,
-                   help="test images timed (default 256; smoke: 8)")
+                   help="test images timed (default 256; smoke: 4)")
     g.add_argument("--repeats", type=int, default=None,
                    help="timed rounds, median (default 5; smoke: 1)")
     return p

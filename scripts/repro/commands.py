@@ -79,7 +79,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str], models: Sequence[str]
         data_dir = args.data_dir or DEFAULT_DATA[kind]
         check_data(models, data_dir, train)
     workers = args.workers if args.workers is not None else (0 if args.smoke else 4)
-    time_images = getattr(args, "time_images", None) or (8 if args.smoke else 256)
+    time_images = getattr(args, "time_images", None) or (4 if args.smoke else 256)
     repeats = getattr(args, "repeats", None) or (1 if args.smoke else 5)
     evals = EvalSettings(data_dir, args.device, args.batch_size, workers, out, args.force,
                          args.time_batch or 1, time_images, repeats, say)

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-SMOKE_TRAIN, SMOKE_TEST = 64, 40  # CIFAR-format images
+SMOKE_TRAIN, SMOKE_TEST = 32, 20  # CIFAR-format images
 SMOKE_IMAGENET = (10, 5)  # ImageNet-style images: training and validation, in all
 
 
