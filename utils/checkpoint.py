@@ -19,9 +19,13 @@ from __future__ import annotations
 from utils.errors import UserError
 
 import argparse
+import contextlib
+import errno
+import fnmatch
 import glob
 import os
 import re
+import signal
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -91,11 +95,46 @@ def read_checkpoint(path: str) -> Any:
             f"{str(err).splitlines()[0] if str(err) else ''})") from err
 
 
+class _RecordingFile:
+    """A binary file that keeps the OSError of a failed write: ``torch.save`` reports it
+    (a full disk, say) as a RuntimeError without its errno."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _test_fault(path: str, f) -> None:
+    """Test hook: ``BLOCKDROP_TEST_FAULT=<kill|enospc>:<file name pattern>`` kills the
+    process (SIGKILL) or fails with ENOSPC halfway through writing a matching checkpoint,
+    so that tests can check what a kill or a full disk leaves behind."""
+    action, _, pattern = os.environ.get("BLOCKDROP_TEST_FAULT", "").partition(":")
+    if not action or not fnmatch.fnmatch(os.path.basename(path), pattern):
+        return
+    f.flush()
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def save_checkpoint(obj: Any, path: str) -> None:
     """Write ``obj`` with torch.save to a temporary file, then rename it to ``path``.
 
     A crash mid-write leaves the previous file (if any) intact. A tensor with
-    NaN or infinite values raises NonFiniteError before anything is written.
+    NaN or infinite values raises NonFiniteError before anything is written. A
+    failed write (disk full, no permission) removes the temporary file and raises
+    the OSError, naming ``path``.
     """
     bad = first_non_finite(obj)
     if bad is not None:
@@ -106,14 +145,30 @@ def save_checkpoint(obj: Any, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".t7", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            out = _RecordingFile(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError as err:
+                if out.error is None:
+                    raise
+                raise out.error from err
+            _test_fault(path, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except OSError as err:
+        _remove_quietly(tmp)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, path) from err
         raise
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, Any]:

@@ -337,15 +337,20 @@ class Loop:
 
 
 def restore(stage: Stage, state: dict[str, Any], source: str) -> int:
-    """Load a ``last.t7`` into the stage's networks and optimizer; returns its epoch."""
-    if state.get("stage") != stage.name:
+    """Load a ``last.t7`` into the stage's networks and optimizer; returns its epoch.
+
+    A state recovered from a stage checkpoint (``recovered_from``) has no
+    optimizer state: the optimizer starts fresh.
+    """
+    if state.get("stage") != stage.name and "recovered_from" not in state:
         raise CheckpointError(f"{source} was written by the {state.get('stage')!r} stage, "
                               f"not {stage.name!r}")
     for key, module in stage.modules.items():
         if key not in state:
             raise CheckpointError(f"{source} has no '{key}' entry")
         load_state_strict(module, state[key], source, key)
-    stage.optimizer.load_state_dict(state["optimizer"])
+    if state.get("optimizer") is not None:
+        stage.optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"])
 
 
