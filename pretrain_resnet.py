@@ -69,7 +69,8 @@ def fill_recipe(args: argparse.Namespace) -> argparse.Namespace:
     args.batch_size = args.batch_size or recipe.batch_size
     args.epochs = args.epochs if args.epochs is not None else recipe.epochs
     if args.milestones is None:
-        args.milestones = recipe.milestones(args.epochs)
+        # a short run keeps the milestones that fall inside it (--epochs 1: none)
+        args.milestones = [m for m in recipe.milestones(args.epochs) if m >= 1]
     return args
 
 

@@ -228,6 +228,15 @@ def check_common(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def config_warnings(args: argparse.Namespace) -> list[str]:
+    """Values that are allowed but probably not meant."""
+    penalty = getattr(args, "penalty", None)
+    if penalty is not None and penalty > 0:
+        return [f"--penalty {penalty} is positive: a wrong prediction is rewarded (the paper's "
+                f"gamma is a negative penalty, e.g. --penalty -5)"]
+    return []
+
+
 def check_parallel(args: argparse.Namespace, prog: str) -> list[str]:
     """``--parallel`` outside torchrun on a machine with several GPUs: say how to launch."""
     several = torch.cuda.device_count() > 1

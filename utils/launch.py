@@ -4,12 +4,16 @@ A script describes itself as a :class:`Script`: its parser, how it loads its
 networks, and ``build_stage``, which turns them into the :class:`Plan` the
 engine trains. :func:`launch` does the rest, once for all of them:
 
-1. resolve and validate the configuration (``utils.config``) and check the run
-   folder (``utils.run_folder``), reading ``last.t7`` for ``--resume``;
+1. resolve and validate the configuration (``utils.config``), lock the run
+   folder (rank 0), remove what killed writes left there, and check it
+   (``utils.run_folder``), reading ``last.t7`` (or the newest checkpoint of a
+   run killed before its first ``last.t7``) for ``--resume``;
 2. join the process group under torchrun, pick the device, seed;
 3. load the networks, build the data loaders and the stage, restore a resumed run;
-4. write ``config.yaml`` and train (``utils.engine.fit``);
-5. leave the process group, whatever happened.
+4. write ``config.yaml`` and train (``utils.engine.fit``); a finished run
+   resumed with nothing left to do changes nothing;
+5. leave the process group and release the lock, whatever happened (SIGTERM
+   included).
 
 Every expected failure, from here or from any library module, ends in one line
 ``<script>: error: <what> (<file>)`` and a non-zero exit (:func:`error_path`).
@@ -20,7 +24,9 @@ import argparse
 import contextlib
 import errno
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable, Iterator, Sequence
@@ -30,12 +36,14 @@ from torch.utils.data import DataLoader
 
 from models import ModelSpec, get_spec
 from utils.checkpoint import CheckpointError, NonFiniteError
-from utils.config import ConfigError, resolve, save_config, to_plain, validate
+from utils.config import (ConfigError, config_warnings, resolve, save_config, to_plain,
+                          validate)
 from utils.data import get_datasets, make_loaders
 from utils.dist import DistInfo, cleanup, device_for, init_distributed
 from utils.engine import Loop, Stage, fit, restore
 from utils.errors import UserError
-from utils.run_folder import LAST, RunFolderError, RunLog, check_run_folder, read_resume_state
+from utils.run_folder import (LAST, RunFolderError, RunLock, RunLog, acquire_lock,
+                              check_run_folder, read_resume_state, remove_orphans)
 from utils.seeding import seed_everything, set_deterministic
 
 
@@ -118,22 +126,30 @@ def error_path(prog: str, debug: bool = False) -> Iterator[None]:
 # ---------------------------------------------------------------------------
 
 
-def configure(script: Script, parser: argparse.ArgumentParser, argv: Sequence[str]
-              ) -> tuple[argparse.Namespace, dict | None]:
-    """Resolve and validate the configuration and check the run folder.
-
-    Returns ``(args, resume_state)``; any problem exits with status 2 before training.
-    """
+def flags(script: Script, parser: argparse.ArgumentParser,
+          argv: Sequence[str]) -> argparse.Namespace:
+    """The configuration from defaults, YAML and flags, validated; problems exit with 2."""
     try:
         args = script.finalize(resolve(parser, argv))
-        last = check_run_folder(args.cv_dir, args.resume)
-        state = None
-        if last is not None:
-            state = read_resume_state(last)
-            args = script.finalize(resolve(parser, argv, saved=state["config"]))
-            if args.model != state.get("model", args.model):
-                raise CheckpointError(f"{last} was written for model {state['model']}, "
-                                      f"not {args.model}")
+        validate(args, script.prog, script.checks)
+    except (ConfigError, ValueError) as err:
+        parser.error(str(err))
+    return args
+
+
+def configure(script: Script, parser: argparse.ArgumentParser, argv: Sequence[str],
+              args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
+    """Check the run folder; with ``--resume``, put the saved configuration under the
+    YAML and the flags. Returns ``(args, resume_state)``; problems exit with 2."""
+    try:
+        source = check_run_folder(args.cv_dir, args.resume)
+        if source is None:
+            return args, None
+        state = read_resume_state(source)
+        args = script.finalize(resolve(parser, argv, saved=state["config"]))
+        if args.model != (state.get("model") or args.model):
+            raise CheckpointError(f"{source} was written for model {state['model']}, "
+                                  f"not {args.model}")
         validate(args, script.prog, script.checks)
     except (ConfigError, RunFolderError, CheckpointError, ValueError) as err:
         parser.error(str(err))
@@ -160,7 +176,7 @@ def epochs_of(plan: Plan, state: dict | None) -> tuple[range, int]:
     """The epochs still to run and the run's first epoch; a resumed run restores the stage."""
     first, start_epoch = plan.first_epoch, plan.first_epoch
     if state is not None:
-        start_epoch = restore(plan.stage, state, LAST) + 1
+        start_epoch = restore(plan.stage, state, state.get("recovered_from", LAST)) + 1
         first = int(state["first_epoch"])
     return range(start_epoch, first + plan.num_epochs), first
 
@@ -199,9 +215,40 @@ def run(script: Script, args: argparse.Namespace, state: dict | None) -> None:
         train_loader, test_loader, sampler = loaders_for(args, spec, ctx)
         plan = script.build_stage(args, spec, networks, test_loader, ctx)
         epochs, first = epochs_of(plan, state)
+        if state is not None and not epochs:
+            if ctx.info.is_main:
+                print(f"{script.prog}: nothing to do: the run in {args.cv_dir} has finished "
+                      f"its last epoch ({epochs.start - 1}); raise the number of epochs to "
+                      f"continue it. Nothing was changed.", file=sys.stderr)
+            return
         train(args, plan, epochs, first, train_loader, sampler, ctx, state)
     finally:
         cleanup()
+
+
+def is_rank0() -> bool:
+    """Rank 0 of a torchrun launch (``RANK``, set before the group is joined), or one process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def locked(folder: str, command: list[str], take: bool) -> Iterator[RunLock | None]:
+    """Hold the run folder's lock (when ``take``), released on any exit, SIGTERM included."""
+    lock = acquire_lock(folder, command) if take else None
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield lock
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if lock is not None:
+            lock.release()
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(128 + signum)  # unwinds through the finally blocks that release the folder
 
 
 def launch(script: Script, argv: Sequence[str] | None = None) -> None:
@@ -209,5 +256,12 @@ def launch(script: Script, argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = script.build_parser()
     with error_path(script.prog, "--debug" in argv):
-        args, state = configure(script, parser, argv)
-        run(script, args, state)
+        args = flags(script, parser, argv)
+        with locked(args.cv_dir, [script.prog, *argv], take=is_rank0()):
+            if is_rank0():
+                remove_orphans(args.cv_dir)
+            args, state = configure(script, parser, argv, args)
+            if is_rank0():
+                for warning in config_warnings(args):
+                    print(f"{script.prog}: warning: {warning}", file=sys.stderr)
+            run(script, args, state)
