@@ -258,5 +258,5 @@ def ours_vs_paper_bars(groups: Sequence[str], ours: Sequence[float | None],
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig

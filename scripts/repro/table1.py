@@ -126,9 +126,10 @@ def run_table1(args: argparse.Namespace, argv: Sequence[str]) -> None:
     for model in models:
         gamma = table1_gamma(model, args.gamma)
         for row in model_rows(ctx, model, gamma, seeds):
-            paper = paper_row("table1", model=model, method=row["method"]) or {}
-            label = METHOD_NAMES[row["method"]] + (
-                f" (γ={gamma_text(gamma)})" if row["method"] == "blockdrop" else "")
+            method = row.pop("method")
+            paper = paper_row("table1", model=model, method=method) or {}
+            label = METHOD_NAMES[method] + (
+                f" (γ={gamma_text(gamma)})" if method == "blockdrop" else "")
             table.add({"model": model, "method": label}, row,
                       {k: paper.get(k) for k in ("acc", "k", "acc_ft", "k_ft")})
     table.notes = _notes(ctx, seeds)
