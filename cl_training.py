@@ -9,24 +9,30 @@ masked out. The authors' command line works unchanged, e.g.
         --batch_size 2048 --max_epochs 5000
 
 and so do ``--config configs/cl/R110_C10.yaml``, ``--resume`` and
-``torchrun --nproc_per_node=N cl_training.py ...``.
+``torchrun --nproc_per_node=N cl_training.py ...``. ``--agent seq`` trains
+BlockDrop-seq's gates instead of the one-shot policy network (supplement,
+docs/policies.md) with the same reward, baseline and curriculum.
 """
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from models import FlatResNet, ModelSpec, PolicyNet, build_policy, build_resnet
+from models import FlatResNet, ModelSpec, PolicyNet, build_resnet
 from models.fast import add_fast_flags, inference_copy, options_from
-from utils.checkpoint import (CheckpointError, check_model_tag, init_policy,
+from models.seq import SeqNet
+from models.sources import build_agent
+from utils.checkpoint import (CheckpointError, check_agent_type, check_model_tag, init_policy,
                               load_blockdrop_checkpoint, load_default_base, read_checkpoint)
-from utils.config import add_authors_args, add_policy_init_arg, add_run_args, make_parser
+from utils.config import (add_agent_arg, add_authors_args, add_policy_init_arg, add_run_args,
+                          agent_problems, make_parser)
 from utils.dist import wrap
+from utils.engine import Stage, curriculum_train_step, evaluate_policy, lr_at, seq_train_step
 from utils.policy_init import resolve_policy_init
-from utils.engine import Stage, curriculum_train_step, evaluate_policy, lr_at
 from utils.launch import Context, Plan, Script, launch
 from utils.rewards import curriculum_step
 from utils.run_folder import blockdrop_name
@@ -46,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "disables the curriculum")
     add_run_args(p)
     add_policy_init_arg(p)
+    add_agent_arg(p)
     p.add_argument("--masked", action="store_true",
                    help="run the ResNet masked (every block for every image, the authors' way) "
                         "instead of per-image dynamic execution; same numbers")
@@ -61,14 +68,17 @@ def cl_step_at(flag: int, epoch: int, num_blocks: int) -> int:
 def load_models(args: argparse.Namespace, spec: ModelSpec,
                 resuming: bool) -> tuple[FlatResNet, PolicyNet, int]:
     """Base ResNet (frozen) and policy; ``--load`` restores an agent. Returns the start epoch."""
-    rnet, agent = build_resnet(spec), build_policy(spec)
+    rnet, agent = build_resnet(spec), build_agent(spec, args.agent)
     # the paper's ImageNet policy starts from torchvision weights: found or asked for first
-    init = None if args.load or resuming else resolve_policy_init(spec, args.policy_init)
+    init = None
+    if args.agent == "blockdrop" and not (args.load or resuming):
+        init = resolve_policy_init(spec, args.policy_init)
     load_default_base(rnet, spec, args.base_ckpt)
     start_epoch = 0
     if args.load and not resuming:
         ckpt = read_checkpoint(args.load)
         check_model_tag(ckpt, args.load, spec.name)
+        check_agent_type(ckpt, args.load, args.agent)
         loaded = load_blockdrop_checkpoint(args.load, None, agent, {
             k: v for k, v in ckpt.items() if k != "resnet"} if isinstance(ckpt, dict) else ckpt)
         if not loaded["agent"]:
@@ -79,6 +89,37 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
     return rnet, agent, start_epoch
 
 
+StepFn = Callable[..., object]
+
+
+def blockdrop_step(args: argparse.Namespace, rnet: FlatResNet, agent: nn.Module,
+                   ctx: Context) -> tuple[nn.Module, StepFn]:
+    """The one-shot policy network: both ResNet passes without gradient (Alg. 1)."""
+    ddp_agent = wrap(agent, ctx.device, ctx.info)
+
+    def step(inputs, targets, noise, cl_step):
+        return curriculum_train_step(rnet, ddp_agent, inputs, targets, noise, alpha=args.alpha,
+                                     beta=args.beta, penalty=args.penalty, cl_step=cl_step,
+                                     dynamic=not args.masked, amp=args.amp)
+    return ddp_agent, step
+
+
+def seq_step(args: argparse.Namespace, rnet: FlatResNet, agent: nn.Module,
+             ctx: Context) -> tuple[nn.Module, StepFn]:
+    """BlockDrop-seq: gates and frozen ResNet as one module, decisions block by block."""
+    ddp_net = wrap(SeqNet(rnet, agent), ctx.device, ctx.info)
+    mode = "masked" if args.masked else "grouped"
+
+    def step(inputs, targets, noise, cl_step):
+        return seq_train_step(ddp_net, inputs, targets, noise, alpha=args.alpha,
+                              penalty=args.penalty, beta=args.beta, cl_step=cl_step, mode=mode,
+                              amp=args.amp)
+    return ddp_net, step
+
+
+STEPS = {"blockdrop": blockdrop_step, "seq": seq_step}
+
+
 def build_stage(args: argparse.Namespace, spec: ModelSpec,
                 networks: tuple[FlatResNet, PolicyNet, int], test_loader: DataLoader,
                 ctx: Context) -> Plan:
@@ -87,25 +128,22 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
     K = spec.num_blocks
     rnet.to(ctx.device).eval().requires_grad_(False)
     agent.to(ctx.device)
-    ddp_agent = wrap(agent, ctx.device, ctx.info)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, weight_decay=args.wd)
     fast = options_from(args)
-    # the frozen ResNet's two no-gradient passes per step run on an inference copy
+    # the frozen ResNet's no-gradient passes run on an inference copy
     step_rnet = inference_copy(rnet, fast, ctx.device)
+    trained, train_step = STEPS[args.agent](args, step_rnet, agent, ctx)
 
     def train_modes() -> None:
+        trained.train()
         rnet.eval()
-        ddp_agent.train()
+        step_rnet.eval()
 
     def step_for(epoch: int):
         cl = cl_step_at(args.cl_step, epoch, K)
 
         def step(inputs, targets, indices):
-            noise = keyed_uniform(args.seed, epoch, indices, K)
-            return curriculum_train_step(step_rnet, ddp_agent, inputs, targets, noise,
-                                         alpha=args.alpha, beta=args.beta,
-                                         penalty=args.penalty, cl_step=cl,
-                                         dynamic=not args.masked, amp=args.amp)
+            return train_step(inputs, targets, keyed_uniform(args.seed, epoch, indices, K), cl)
         return step
 
     def test(epoch: int):
@@ -116,7 +154,7 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
     def named_checkpoint(epoch: int, stats):
         return blockdrop_name(epoch, stats), {
             "agent": agent.state_dict(), "epoch": epoch, "reward": stats["reward"],
-            "acc": stats["accuracy"], "model": spec.name}
+            "acc": stats["accuracy"], "model": spec.name, "agent_type": args.agent}
 
     stage = Stage("cl", {"agent": agent}, optimizer, train_modes, step_for, test,
                   lambda e: lr_at(e, args.lr, args.lr_decay_ratio, args.epoch_step),
@@ -124,7 +162,7 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
     return Plan(stage, start_epoch, args.max_epochs + 1, lambda e: e % args.test_every == 0)
 
 
-SCRIPT = Script(PROG, build_parser, load_models, build_stage)
+SCRIPT = Script(PROG, build_parser, load_models, build_stage, checks=agent_problems)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

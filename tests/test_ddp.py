@@ -7,6 +7,7 @@ policies (keyed by image index), gradients averaged by DDP, statistics
 gathered from both processes. A second test runs cl_training.py itself under
 an ``env://`` process group, as torchrun would.
 """
+import importlib
 import json
 import os
 import socket
@@ -154,12 +155,11 @@ def test_two_processes_match_one(stage, tiny_runs):
                 assert a[part][key] == pytest.approx(b[part][key], abs=1e-5)
 
 
-def _script_worker(rank, world, port, argv):
+def _script_worker(rank, world, port, argv, script="cl_training"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import cl_training
-    cl_training.main(argv)
+    importlib.import_module(script).main(argv)
 
 
 def _free_port():
@@ -177,3 +177,23 @@ def test_cl_training_under_an_env_process_group(tiny_data, tiny_args, tmp_path):
     assert lines[0]["test"]["unique_policies"] >= 1
     last = torch.load(cv / "last.t7", weights_only=True)
     assert len(last["rng"]) == 2 and last["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_seq_and_fixed_policy_under_an_env_process_group(tiny_data, tiny_args, tmp_path):
+    """BlockDrop-seq (gates and ResNet as one DDP module) and fixed-policy finetuning (the
+    dropped blocks frozen, outside DDP) train under two processes."""
+    base = ["--base_ckpt", tiny_data["base"], "--max_epochs", "0", "--parallel"]
+    cl = tmp_path / "seq_cl"
+    mp.spawn(_script_worker, args=(2, _free_port(), tiny_args(cl, *base, "--agent", "seq")),
+             nprocs=2)
+    (ckpt,) = cl.glob("ckpt_E_0_*.t7")
+    ft = tmp_path / "seq_ft"
+    argv = tiny_args(ft, *base, "--agent", "seq", "--pretrained", str(ckpt))
+    mp.spawn(_script_worker, args=(2, _free_port(), argv, "finetune"), nprocs=2)
+    fixed = tmp_path / "fixed"
+    argv = tiny_args(fixed, *base, "--policy", "distributek", "--k", "5")
+    mp.spawn(_script_worker, args=(2, _free_port(), argv, "finetune"), nprocs=2)
+    for folder, stage in ((cl, "cl"), (ft, "finetune"), (fixed, "finetune_fixed")):
+        last = torch.load(folder / "last.t7", weights_only=True)
+        assert last["stage"] == stage and len(last["rng"]) == 2

@@ -22,7 +22,7 @@ def _exit(main, argv, capsys):
 
 
 @pytest.mark.parametrize("main, argv, abbreviated", [
-    (finetune.main, ["--policy", "firstk"], "--policy"),  # once read as --policy_init
+    (finetune.main, ["--policy_in", "x.t7"], "--policy_in"),  # of --policy_init
     (cl_training.main, ["--max_epoch", "3"], "--max_epoch"),
     (pretrain_resnet.main, ["--epoch", "3"], "--epoch"),
     (test_script.main, ["--batch", "3"], "--batch"),

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from models import MODEL_SPECS, get_spec
+from models.sources import AGENT_TYPES, FIXED_RULES, PolicySourceError, check_k
 from utils.errors import UserError
 
 # keys that steer this invocation or describe this machine: never taken from a saved config
@@ -267,3 +268,47 @@ def validate(args: argparse.Namespace, prog: str,
                 + device_problems(args.device))
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def add_agent_arg(p: argparse.ArgumentParser) -> None:
+    """``--agent``: what decides the blocks (``models.sources.AGENT_TYPES``)."""
+    p.add_argument("--agent", choices=AGENT_TYPES, default="blockdrop",
+                   help="blockdrop: the one-shot policy network; seq: BlockDrop-seq's per-block "
+                        "gates (supplement). Checkpoints record it")
+
+
+def agent_problems(args: argparse.Namespace) -> list[str]:
+    """``--policy_init`` initialises the one-shot policy network only."""
+    if getattr(args, "policy_init", None) and args.agent != "blockdrop":
+        return [f"--policy_init initialises the blockdrop policy network; --agent {args.agent} "
+                f"has none"]
+    return []
+
+
+def add_fixed_policy_args(p: argparse.ArgumentParser) -> None:
+    """finetune.py's ``--policy``/``--k``: train the ResNet alone under a fixed policy."""
+    p.add_argument("--policy", choices=tuple(FIXED_RULES), default=None,
+                   help="train the ResNet alone, with cross-entropy, under this fixed policy "
+                        "(Table 1's ft columns; no policy network); --seed picks randomk's draw")
+    p.add_argument("--k", type=int, default=None, help="blocks the fixed --policy keeps, 1..K")
+
+
+def fixed_policy_problems(args: argparse.Namespace) -> list[str]:
+    """``--policy`` needs a ``--k`` in 1..K and trains no agent; ``--k`` needs ``--policy``."""
+    problems = agent_problems(args)
+    if args.policy is None:
+        return problems + (["--k applies to a fixed --policy"] if args.k is not None else [])
+    spec = get_spec(args.model)
+    if args.k is None:
+        problems.append(f"--policy {args.policy} needs --k: an integer between 1 and "
+                        f"{spec.num_blocks}")
+    else:
+        try:
+            check_k(args.k, spec.num_blocks, spec.name)
+        except PolicySourceError as err:
+            problems.append(str(err))
+    for flag, given in (("--agent", args.agent != "blockdrop"), ("--pretrained", args.pretrained),
+                        ("--policy_init", args.policy_init)):
+        if given:
+            problems.append(f"--policy {args.policy} trains no agent; leave out {flag}")
+    return problems
