@@ -197,6 +197,7 @@ def test_compare_gamma_refuses_different_models(tmp_path, capsys):
 
 # -- smoke runs: every script end to end on generated data -------------------------------
 SMOKE = {
+    "table1": ["table1.md", "table1.csv", "table1_acc.png", "table1_acc_ft.png"],
     "table2": ["table2.md", "table2.csv", "table2_times.png"],
     "table3": ["table3.md", "table3.csv", "table3_figure3.png"],
     "compare_gamma": ["compare_gamma.md", "compare_gamma.csv", "compare_gamma_figure3.png"],
