@@ -59,3 +59,18 @@ def test_a_corrupt_jpeg_stops_training_in_one_line(imagenet_folder, tmp_path, ca
         "--no_progress"], capsys)
     assert str(bad) in line and "cannot read the image" in line
     assert not glob.glob(str(tmp_path / "cl" / "*.t7"))
+
+
+def test_a_corrupt_jpeg_stops_test_py_in_one_line(imagenet_folder, tmp_path, capsys):
+    """The same through test.py's evaluation: one line naming the file, no traceback."""
+    import test as test_script
+
+    root = tmp_path / "data"
+    shutil.copytree(imagenet_folder / "val", root / "val")
+    bad = root / "val" / "n0000" / "img.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    line = error_line(test_script.main, [
+        "--model", "R101_ImgNet", "--data_dir", str(root),
+        "--base_ckpt", str(imagenet_folder / "r101.pth"), "--batch_size", "2",
+        "--workers", "2", "--device", "cpu"], capsys)
+    assert line.startswith("test.py: error:") and str(bad) in line
