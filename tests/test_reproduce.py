@@ -224,9 +224,8 @@ def test_smoke(name, tmp_path):
     run_smoke(name, tmp_path, SMOKE[name])
 
 
-@pytest.mark.slow
 def test_smoke_table4(tmp_path):
-    """ResNet-101 at 224 px on the CPU: minutes, so only with --runslow."""
+    """ResNet-101 at 224 px on the CPU, on a handful of images (about 2-3 minutes)."""
     run_smoke("table4", tmp_path, ["table4.md", "table4.csv", "table4_figure3.png"])
 
 
