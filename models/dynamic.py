@@ -50,7 +50,7 @@ def chunk_size(rnet: FlatResNet, x: torch.Tensor, rows_per_image: float = 1.0) -
     ``rows_per_image``: activation rows a block works on per image (several
     policies: one per policy; dynamic execution: the share that keeps a block)."""
     batch = x.shape[0]
-    if rnet.training or x.device.type != "cpu" or rnet.cpu_chunk_bytes <= 0:
+    if batch <= 1 or rnet.training or x.device.type != "cpu" or rnet.cpu_chunk_bytes <= 0:
         return batch
     widest = rnet.spec.widest_activation(x.shape[-2], x.shape[-1])
     per_image = widest * x.element_size() * rows_per_image
@@ -74,6 +74,8 @@ def forward_dynamic(rnet: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> 
     ``policy`` keeps it; equal to the masked ``rnet(x, policy)`` in eval mode."""
     with section("policy transfer"):
         keep = policy_on_host(policy, x.shape[0], rnet.num_blocks)
+    if x.shape[0] == 1:  # one image: its chain of kept blocks, nothing to group or chunk
+        return rnet.run_chain(x, keep[0].tolist())
     # a block's working set is the rows that keep it: chunks grow as usage falls
     usage = float(keep.float().mean()) if keep.numel() else 1.0
     return in_chunks(rnet, lambda xs, ks: _dynamic_pass(rnet, xs, ks), x, keep, max(usage, 0.25))

@@ -131,6 +131,7 @@ class FlatResNet(nn.Module):
         self.block_index: list[tuple[int, int]] = [
             (s, b) for s, count in enumerate(self.layers) for b in range(count)]
         self.stage_names = [f"stage {s + 1} blocks" for s in range(len(self.layers))]
+        self._block_keys = [(str(s), str(b)) for s, b in self.block_index]
         self._init_weights()
 
     @property
@@ -178,8 +179,10 @@ class FlatResNet(nn.Module):
             return self.ds[s](x)
 
     def block(self, t: int) -> nn.Module:
-        s, b = self.block_index[t]
-        return self.blocks[s][b]
+        # the ModuleLists' dicts directly: ``self.blocks[s][b]`` costs ~5 us, a tenth of a
+        # small block at batch 1; always in step with modules replaced in the lists
+        s, b = self._block_keys[t]
+        return self.blocks._modules[s]._modules[b]
 
     def run_block(self, t: int, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """A kept block: relu(residual + F(x)); in place on F(x) when no gradient is built."""

@@ -153,32 +153,41 @@ def bench_inference(name: str, batch: int, keep: int, repeats: int, warmup: int,
                     min_time: float = 0.0) -> dict:
     """Per-image times of every method on one model and batch size. ``full_eager`` is
     the full ResNet as users build it; every other method runs on the inference copies
-    (``fast``), and speedups are against the full ResNet on those (``full``)."""
+    (``fast``), and speedups are against the full ResNet on those (``full``). Batch 1
+    runs ``single_images`` images one at a time, each with its own policy, so that its
+    ratio does not hang on one random policy."""
     spec, gen, (rnet, _), (frnet, fagent) = setup(name, device, seed, fast)
-    x = torch.rand(batch, 3, spec.image_size, spec.image_size, generator=gen).to(device)
-    policy = random_policies(batch, rnet.num_blocks, keep, gen).to(device)
-    n_single = min(batch, single_images)
+    images = single_images if batch == 1 else batch
+    x = torch.rand(images, 3, spec.image_size, spec.image_size, generator=gen).to(device)
+    policy = random_policies(images, rnet.num_blocks, keep, gen).to(device)
+    n_single = min(images, single_images)
+    # the (images, policies) of each call: one batch, or every image on its own at batch 1
+    calls = [(x[i:i + batch], policy[i:i + batch]) for i in range(0, images, batch)]
 
     def single_loop():  # the authors' timing: one image at a time with its own policy
         for i in range(n_single):
             fagent(x[i:i + 1])
             frnet.forward_single(x[i:i + 1], policy[i])
 
+    def each(fn):
+        return lambda: [fn(xs, ps) for xs, ps in calls]
+
     fns = {
-        "full_eager": lambda: rnet.forward_full(x),
-        "full": lambda: frnet.forward_full(x),
-        "masked": lambda: (fagent(x), frnet(x, policy)),
+        "full_eager": each(lambda xs, _: rnet.forward_full(xs)),
+        "full": each(lambda xs, _: frnet.forward_full(xs)),
+        "masked": each(lambda xs, ps: (fagent(xs), frnet(xs, ps))),
         "single": single_loop,
-        "dynamic": lambda: (fagent(x), frnet.forward_dynamic(x, policy)),
+        "dynamic": each(lambda xs, ps: (fagent(xs), frnet.forward_dynamic(xs, ps))),
     }
     with torch.inference_mode(), autocast(device, bf16):
         med = time_interleaved(fns, repeats, warmup, Clock(device), min_time)
-    per_image = {m: med[m] / (n_single if m == "single" else batch) for m in METHODS}
+    per_image = {m: med[m] / (n_single if m == "single" else images) for m in METHODS}
     table = flop_table(name)
     policy_flops = float(table.per_image(policy.cpu()).double().mean())
     bound = table.full_resnet / policy_flops
     return {
         "model": name, "batch": batch, "keep": keep, "num_blocks": rnet.num_blocks,
+        "images": images,
         "ms_per_image": {m: 1e3 * t for m, t in per_image.items()},
         "speedup": {m: per_image["full"] / per_image[m] for m in METHODS},
         "flop_bound": bound,
@@ -433,7 +442,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=0.2,
                    help="a timed inference sample repeats calls shorter than this (s)")
     p.add_argument("--single-images", type=int, default=32,
-                   help="images of the batch timed with the batch-1 forward_single loop")
+                   help="images of the batch timed with the batch-1 forward_single loop; "
+                        "batch 1 runs this many images one at a time")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -633,7 +643,8 @@ def render(result: dict) -> str:
     if "inference" in result:
         parts.append("Inference, policy network included in masked/single/dynamic; speedups "
                      "against the full ResNet with the same inference copies (`full`); "
-                     "`full eager` is the ResNet as built:\n\n"
+                     "`full eager` is the ResNet as built; batch 1 runs "
+                     f"{st['single_images']} images one at a time, each with its own policy:\n\n"
                      + format_inference(result["inference"]))
     for r in result.get("profile", []):
         parts.append(format_profile(r))

@@ -7,7 +7,7 @@ from helpers import randomize_bn
 
 from models import get_model
 from models.dynamic import chunk_size
-from models.fast import FastOptions, inference_copy
+from models.fast import FastOptions, FoldedBlock, inference_copy
 from scripts.benchmark import random_policies
 from utils.engine import curriculum_train_step
 
@@ -236,13 +236,17 @@ def test_inference_copies_equal_the_masked_network(name, size, batch, fast):
     gen = torch.Generator().manual_seed(7)
     x = torch.rand(batch, 3, size, size, generator=gen)
     policies = policy_batch(batch, rnet.num_blocks, gen)
+    assert not any(k.startswith("joint") for k in fagent.state_dict())  # fused heads: not saved
     with torch.no_grad():
-        assert_same_logits(agent(x)[0], fagent(x)[0])
+        (probs, value), (fprobs, fvalue) = agent(x), fagent(x)
+        assert_same_logits(probs, fprobs)
+        assert_same_logits(value, fvalue)
         for policy in policies.values():
             expected = rnet(x, policy)
             assert_same_logits(expected, frnet(x, policy))
             assert_same_logits(expected, frnet.forward_dynamic(x, policy))
             assert_same_logits(expected[:1], frnet.forward_single(x[:1], policy[0]))
+            assert_same_logits(expected[:1], frnet.forward_dynamic(x[:1], policy[:1]))
             fast_logits = frnet.forward_policies(x, [policy, policies["random"]])
             assert_same_logits(expected, fast_logits[0])
         assert_same_logits(rnet.forward_full(x), frnet.forward_full(x))
@@ -263,3 +267,19 @@ def test_fast_curriculum_step_on_an_inference_copy_matches_masked(fast):
     assert len(g0) == len(g1) > 0
     for a, b in zip(g0, g1, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_folded_blocks_follow_their_parameters():
+    """Folded blocks run their convolutions directly from cached parameters; converting
+    the copy (dtype, device, layout) refreshes them, so it still equals the original."""
+    rnet, _ = _models("R32_C10")
+    randomize_bn(rnet, seed=3)
+    frnet = inference_copy(rnet, FastOptions(fold_bn=True, channels_last=False))
+    assert all(isinstance(frnet.block(t), FoldedBlock) for t in range(rnet.num_blocks))
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    policy = random_policies(3, rnet.num_blocks, 7, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = rnet.double()(x, policy)
+        frnet = frnet.double().to(memory_format=torch.channels_last)
+        assert_same_logits(expected, frnet.forward_dynamic(x, policy))
+        assert_same_logits(expected, frnet(x, policy))
