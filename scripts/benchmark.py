@@ -58,6 +58,8 @@ from utils.stats import format_eval_block, policy_stats
 # blocks kept per image by the paper's models: R110 gamma=10 (16.9 of 54),
 # R32 gamma=5 (6.9 of 15, Table 3), R101 gamma=5 (24.8 of 33, Table 4)
 DEFAULT_KEEP = {"R110_C10": 17, "R32_C10": 7, "R101_ImgNet": 25}
+# images timed one at a time (batch 1, and the forward_single loop): CIFAR, ImageNet
+SINGLE_IMAGES, SINGLE_IMAGES_LARGE = 32, 8
 DEFAULT_BATCHES = {"R110_C10": (1, 32, 256), "R32_C10": (1, 32, 256), "R101_ImgNet": (1, 32)}
 PARTS = ("inference", "profile", "eval", "curriculum", "seq")
 METHODS = ("full_eager", "full", "masked", "single", "dynamic")
@@ -194,6 +196,11 @@ def bench_inference(name: str, batch: int, keep: int, repeats: int, warmup: int,
         "share_of_bound": per_image["full"] / per_image["dynamic"] / bound,
         "single_images": n_single,
     }
+
+
+def single_images(name: str) -> int:
+    """Images timed one at a time by default: fewer for the large ImageNet models."""
+    return SINGLE_IMAGES if get_spec(name).image_size <= 64 else SINGLE_IMAGES_LARGE
 
 
 # -- part 1b: profile ----------------------------------------------------------
@@ -441,9 +448,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per setting")
     p.add_argument("--min-time", type=float, default=0.2,
                    help="a timed inference sample repeats calls shorter than this (s)")
-    p.add_argument("--single-images", type=int, default=32,
+    p.add_argument("--single-images", type=int, default=None,
                    help="images of the batch timed with the batch-1 forward_single loop; "
-                        "batch 1 runs this many images one at a time")
+                        "batch 1 runs this many images one at a time (default: "
+                        f"{SINGLE_IMAGES} on CIFAR, {SINGLE_IMAGES_LARGE} on ImageNet)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -528,7 +536,7 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.keep_counts = keep
     for flag in ("repeats", "eval_repeats", "cl_repeats", "single_images", "eval_images",
                  "eval_batch", "cl_batch", "seq_images"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
@@ -644,7 +652,9 @@ def render(result: dict) -> str:
         parts.append("Inference, policy network included in masked/single/dynamic; speedups "
                      "against the full ResNet with the same inference copies (`full`); "
                      "`full eager` is the ResNet as built; batch 1 runs "
-                     f"{st['single_images']} images one at a time, each with its own policy:\n\n"
+                     + ", ".join(f"{r.get('images', 1)} images ({r['model']})"
+                                 for r in result["inference"] if r["batch"] == 1)
+                     + " one at a time, each with its own policy:\n\n"
                      + format_inference(result["inference"]))
     for r in result.get("profile", []):
         parts.append(format_profile(r))
@@ -700,7 +710,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for batch in args.batch_sizes or DEFAULT_BATCHES.get(name, (1, 32, 256)):
                 rows.append(bench_inference(
                     name, batch, args.keep_counts[name], args.repeats, args.warmup, device,
-                    args.seed, args.single_images, fast, args.bf16, args.min_time))
+                    args.seed, args.single_images or single_images(name), fast, args.bf16,
+                    args.min_time))
                 print(format_inference(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         result["inference"] = rows
         print("Inference (median of %d):\n%s\n" % (args.repeats, format_inference(rows)))
