@@ -27,7 +27,7 @@ from typing import TypeVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .resnet import BasicBlock, Bottleneck
 
@@ -63,14 +63,20 @@ def fold_batchnorm(net: M) -> M:
             if conv is None:
                 break
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, f"conv{i}", fuse_conv_bn_eval(conv, bn))
+                _fold_into(conv, bn)
                 setattr(module, f"bn{i}", nn.Identity())
         if isinstance(module, nn.Sequential):
             for j in range(len(module) - 1):
                 if isinstance(module[j], nn.Conv2d) and isinstance(module[j + 1], nn.BatchNorm2d):
-                    module[j] = fuse_conv_bn_eval(module[j], module[j + 1])
+                    _fold_into(module[j], module[j + 1])
                     module[j + 1] = nn.Identity()
     return net
+
+
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Give ``conv`` the weight and bias of ``bn(conv(x))`` (eval-mode statistics)."""
+    conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
+                                                  bn.running_var, bn.eps, bn.weight, bn.bias)
 
 
 class FoldedBlock(nn.Module):
