@@ -55,22 +55,34 @@ OFF = FastOptions(fold_bn=False, channels_last=False)
 
 
 def fold_batchnorm(net: M) -> M:
-    """Fold every eval-mode BatchNorm of ``net`` into the convolution before it, in place:
-    ``conv<i>``/``bn<i>`` pairs of a module, and ``Sequential(conv, bn)`` shortcuts."""
-    for module in list(net.modules()):
-        for i in range(1, 10):
-            conv, bn = getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None)
-            if conv is None:
-                break
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                _fold_into(conv, bn)
-                setattr(module, f"bn{i}", nn.Identity())
-        if isinstance(module, nn.Sequential):
-            for j in range(len(module) - 1):
-                if isinstance(module[j], nn.Conv2d) and isinstance(module[j + 1], nn.BatchNorm2d):
-                    _fold_into(module[j], module[j + 1])
-                    module[j + 1] = nn.Identity()
+    """Fold every eval-mode BatchNorm of ``net`` into the convolution before it, in place.
+    A residual block becomes a :class:`FoldedBlock`, a ``Sequential(conv, bn)`` shortcut
+    its convolution; any other ``conv<i>``/``bn<i>`` pair of a module (the stem) keeps
+    the convolution and an identity for the BatchNorm."""
+    _fold_pairs(net)
+    for name, child in list(net._modules.items()):
+        if isinstance(child, (BasicBlock, Bottleneck)):
+            net._modules[name] = FoldedBlock(_fold_pairs(child))
+        elif (isinstance(child, nn.Sequential) and len(child) == 2
+              and isinstance(child[0], nn.Conv2d) and isinstance(child[1], nn.BatchNorm2d)):
+            _fold_into(child[0], child[1])
+            net._modules[name] = child[0]
+        elif child is not None:
+            fold_batchnorm(child)
     return net
+
+
+def _fold_pairs(module: nn.Module) -> list[nn.Conv2d]:
+    """Fold each ``bn<i>`` of ``module`` into its ``conv<i>`` (the BatchNorm becomes the
+    identity); returns the convolutions ``conv1, conv2, ...``."""
+    convs = []
+    while isinstance(conv := getattr(module, f"conv{len(convs) + 1}", None), nn.Conv2d):
+        convs.append(conv)
+        name = f"bn{len(convs)}"
+        if isinstance(getattr(module, name, None), nn.BatchNorm2d):
+            _fold_into(conv, getattr(module, name))
+            setattr(module, name, nn.Identity())
+    return convs
 
 
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -80,11 +92,11 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 class FoldedBlock(nn.Module):
-    """A residual function whose BatchNorms are folded into its convolutions: the
-    convolutions (with biases) called directly, a ReLU between them, none after the
-    last. The same function as the block it replaces, without a module call or an
-    attribute lookup per layer and with the geometry as plain ints (at batch 1 such
-    overheads cost a tenth of the time)."""
+    """A residual function (BasicBlock, Bottleneck) whose BatchNorms are folded into its
+    convolutions: the convolutions (with biases) called directly, a ReLU between them,
+    none after the last. The same function as the block it replaces, without a module
+    call or an attribute lookup per layer and with the geometry as plain ints (at
+    batch 1 such overheads cost a tenth of the time)."""
 
     def __init__(self, convs: list[nn.Conv2d]):
         super().__init__()
@@ -114,36 +126,6 @@ def _scalar(pair: tuple[int, ...]) -> int | tuple[int, ...]:
     return pair[0] if len(set(pair)) == 1 else pair
 
 
-def _folded(block: nn.Module) -> FoldedBlock | None:
-    """``block`` as a FoldedBlock when it is a chain of conv<i> whose bn<i> are folded."""
-    convs = []
-    while isinstance(getattr(block, f"conv{len(convs) + 1}", None), nn.Conv2d):
-        convs.append(getattr(block, f"conv{len(convs) + 1}"))
-    names = {f"{kind}{i}" for kind in ("conv", "bn") for i in range(1, len(convs) + 1)}
-    plain = all(c.dilation == (1, 1) and c.groups == 1 and c.padding_mode == "zeros"
-                for c in convs)
-    folded = all(isinstance(getattr(block, f"bn{i}", None), nn.Identity)
-                 for i in range(1, len(convs) + 1))
-    if len(convs) < 2 or not (plain and folded) or set(block._modules) != names:
-        return None
-    return FoldedBlock(convs)
-
-
-def lean_blocks(net: M) -> M:
-    """Replace, in place, every residual block of ``net`` whose BatchNorms are folded
-    by a :class:`FoldedBlock`, and a ``Sequential(conv, Identity)`` by the conv."""
-    for module in list(net.modules()):
-        for name, child in list(module._modules.items()):
-            if isinstance(child, (BasicBlock, Bottleneck)):
-                folded = _folded(child)
-                if folded is not None:
-                    module._modules[name] = folded
-            elif (isinstance(child, nn.Sequential) and len(child) == 2
-                  and isinstance(child[0], nn.Conv2d) and isinstance(child[1], nn.Identity)):
-                module._modules[name] = child[0]
-    return net
-
-
 @torch.no_grad()
 def inference_copy(net: M, options: FastOptions = DEFAULT,
                    device: torch.device | None = None) -> M:
@@ -159,7 +141,6 @@ def inference_copy(net: M, options: FastOptions = DEFAULT,
         p.requires_grad_(False)
     if options.fold_bn:
         fold_batchnorm(fast)
-        lean_blocks(fast)
         if hasattr(fast, "fuse_heads"):  # a policy network: one product for both heads
             fast.fuse_heads()
     if channels_last:

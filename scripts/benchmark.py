@@ -198,7 +198,7 @@ def bench_inference(name: str, batch: int, keep: int, repeats: int, warmup: int,
     }
 
 
-def single_images(name: str) -> int:
+def default_single_images(name: str) -> int:
     """Images timed one at a time by default: fewer for the large ImageNet models."""
     return SINGLE_IMAGES if get_spec(name).image_size <= 64 else SINGLE_IMAGES_LARGE
 
@@ -710,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for batch in args.batch_sizes or DEFAULT_BATCHES.get(name, (1, 32, 256)):
                 rows.append(bench_inference(
                     name, batch, args.keep_counts[name], args.repeats, args.warmup, device,
-                    args.seed, args.single_images or single_images(name), fast, args.bf16,
+                    args.seed, args.single_images or default_single_images(name), fast, args.bf16,
                     args.min_time))
                 print(format_inference(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         result["inference"] = rows

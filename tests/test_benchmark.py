@@ -27,6 +27,8 @@ def test_quick_run_writes_json(tmp_path, capsys):
     rows = data["inference"]
     assert [(r["model"], r["batch"], r["keep"]) for r in rows] == [("R32_C10", 1, 7),
                                                                   ("R32_C10", 3, 7)]
+    # batch 1 runs --single-images images one at a time; a batch runs its own images
+    assert [(r["images"], r["single_images"]) for r in rows] == [(2, 2), (3, 2)]
     for r in rows:
         assert set(r["ms_per_image"]) == {"full_eager", "full", "masked", "single", "dynamic"}
         assert all(v > 0 for v in r["ms_per_image"].values())

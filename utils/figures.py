@@ -109,6 +109,9 @@ def accuracy_by_blocks(usage: np.ndarray, matches: np.ndarray, num_blocks: int,
     return fig
 
 
+LABEL_HEIGHTS = (5, -13, 15, -23)  # points above (+) or below (-) a Figure 3 marker
+
+
 @dataclass(frozen=True)
 class Point:
     """A point of Figure 3: ``kind`` picks the marker (see POINT_STYLES)."""
@@ -125,6 +128,8 @@ def flops_vs_accuracy(points: Sequence[Point], title: str) -> Figure:
     fig = new_figure(8.5, 5)
     ax = fig.add_subplot()
     shown = set()
+    # labels at four heights, by FLOPs order, so that neighbouring points' labels clear
+    rank = {i: r for r, i in enumerate(sorted(range(len(points)), key=lambda i: points[i].flops))}
     for i, p in enumerate(points):
         style = dict(POINT_STYLES[p.kind])
         legend = {"ours": "ours", "full": "full ResNet (ours)", "paper": "paper",
@@ -133,12 +138,13 @@ def flops_vs_accuracy(points: Sequence[Point], title: str) -> Figure:
                     label=None if legend in shown else legend, **style)
         shown.add(legend)
         ax.annotate(p.label, (p.flops, p.accuracy), textcoords="offset points",
-                    xytext=(6, 5 if i % 2 == 0 else -12), fontsize=8, color=style["color"])
+                    xytext=(6, LABEL_HEIGHTS[rank[i] % len(LABEL_HEIGHTS)]), fontsize=8,
+                    color=style["color"])
     ax.set(xlabel="FLOPs per image", ylabel="accuracy (%)", title=title)
     ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
-    ax.margins(x=0.15, y=0.15)
+    ax.margins(x=0.22, y=0.15)  # room for the labels of the rightmost points
     return fig
 
 
