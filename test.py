@@ -3,16 +3,16 @@
     python test.py --model R110_C10 \
         --load cv/finetuned/R110_C10_gamma_10/ckpt_E_2000_A_0.936_R_1.95E-01_S_16.93_#_469.t7
 
-prints the block of the authors' test.py (SPEC section 5). Evaluation is
+prints the block of the authors' test.py (docs/evaluation.md). Evaluation is
 batched: each block runs only on the images whose greedy policy keeps it, and
 FLOPs come from the model's analytic table, so the numbers equal those of the
 authors' one-image-at-a-time loop.
 
-``--policy`` picks where the decisions come from (Table 1's baselines, Table 2's
-BlockDrop-seq; ``models.sources``): ``blockdrop`` (the policy network, default),
-``seq`` (BlockDrop-seq; chosen by itself for a seq checkpoint), or a fixed policy
+``--policy`` picks the method that decides (any registered one, ``policies``):
+by default the method the checkpoint records (``blockdrop`` for the authors'
+files; ``seq`` for BlockDrop-seq), or a fixed policy such as
 ``firstk``/``randomk``/``distributek`` with ``--k K`` (``--k auto``: the mean
-block usage of the BlockDrop checkpoint in ``--load``, rounded up). A fixed
+block usage of the learned checkpoint in ``--load``, rounded up). A fixed
 policy runs only the base ResNet: the ``resnet`` of ``--load``, else
 ``--base_ckpt``. ``--out FILE.json`` also writes the statistics as JSON.
 """
@@ -23,31 +23,24 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from models import FlatResNet, ModelSpec, build_resnet, get_spec
-from models.sources import (FIXED_RULES, SOURCE_NAMES, PolicySource, PolicySourceError,
-                            build_agent, build_source, ceil_usage, check_k)
-from utils.checkpoint import (CheckpointError, agent_type_of, check_agent_type, check_model_tag,
-                              load_blockdrop_checkpoint, load_default_base, load_state_strict,
-                              read_checkpoint, torchvision_to_flat)
-from utils.config import add_device_args, add_model_arg, device_problems, make_parser
+from models import ModelSpec, get_spec
+from models.flops import flop_table
+from policies.registry import method_names
+from utils.config import (add_device_args, add_fast_flags, add_model_arg, device_problems,
+                          fast_options, make_parser)
 from utils.data import get_dataset
-from models.fast import add_fast_flags, options_from
 from utils.engine import evaluate
-from utils.flops import flop_table
-from utils.rewards import greedy_policy
 from utils.launch import error_path
-from utils.stats import format_eval_block, mean32
+from utils.networks import Request, Setup, load_for_eval
+from utils.stats import format_eval_block
 
 PROG = "test.py"
-LEARNED = ("blockdrop", "seq")
 
 
 def k_value(text: str):
@@ -70,9 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base_ckpt", default=None,
                    help="pretrained base ResNet, used when the checkpoint holds no 'resnet' "
                         "(default: the model's path under cv/pretrained/)")
-    p.add_argument("--policy", default=None, choices=SOURCE_NAMES,
-                   help="where the decisions come from (default: the checkpoint's agent type, "
-                        "or the fixed policy a fixed-policy finetuning recorded; blockdrop)")
+    p.add_argument("--policy", default=None, choices=method_names(),
+                   help="the method that decides (default: the one the checkpoint records: "
+                        "its agent type, or the fixed policy a fixed-policy finetuning "
+                        "recorded; blockdrop)")
     p.add_argument("--k", type=k_value, default=None,
                    help="blocks kept by a fixed policy, 1..K, or 'auto' (the mean usage of "
                         "the BlockDrop checkpoint in --load, rounded up)")
@@ -102,92 +96,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for problem in device_problems(args.device):
         p.error(problem)
     return args
-
-
-@dataclass
-class Setup:
-    """What test.py evaluates: the ResNet, the policy source and where they came from."""
-
-    rnet: FlatResNet
-    source: PolicySource
-    base_ckpt: str | None  # the base ResNet file used, None when --load held the ResNet
-
-
-def choose_policy(args: argparse.Namespace, ckpt: Any) -> dict[str, Any]:
-    """``{name, k, seed}``: the flags, else what the checkpoint records, else blockdrop."""
-    recorded = ckpt.get("fixed_policy") if isinstance(ckpt, dict) else None
-    if args.policy is None and isinstance(recorded, dict):
-        return {"name": recorded["name"], "k": args.k if args.k is not None else recorded["k"],
-                "seed": args.seed if args.seed is not None else recorded.get("seed", 0)}
-    name = args.policy or ("seq" if agent_type_of(ckpt) == "seq" else "blockdrop")
-    return {"name": name, "k": args.k, "seed": 0 if args.seed is None else args.seed}
-
-
-def load_resnet(spec: ModelSpec, ckpt: Any, args: argparse.Namespace,
-                log: Callable[[str], None]) -> tuple[FlatResNet, str | None]:
-    """The ResNet of ``--load`` if it holds one, else the pretrained base network."""
-    rnet = build_resnet(spec)
-    if isinstance(ckpt, dict) and "resnet" in ckpt:
-        load_state_strict(rnet, torchvision_to_flat(ckpt["resnet"]), args.load, "ResNet")
-        log(f"loaded resnet from {os.path.basename(args.load)}")
-        return rnet, None
-    base = load_default_base(rnet, spec, args.base_ckpt, policy_only=ckpt is not None)
-    log(f"loaded base resnet from {base}")
-    return rnet, base
-
-
-def auto_k(spec: ModelSpec, ckpt: Any, path: str | None, loader: DataLoader,
-           device: torch.device, log: Callable[[str], None]) -> int:
-    """``--k auto``: the BlockDrop agent's mean greedy block usage on the test set, rounded up."""
-    if agent_type_of(ckpt) != "blockdrop":
-        held = f"{path} holds no BlockDrop agent" if path else "no --load was given"
-        raise PolicySourceError(f"--k auto needs a BlockDrop checkpoint in --load ({held}); "
-                                f"or give --k between 1 and {spec.num_blocks}")
-    agent = build_agent(spec, "blockdrop")
-    load_blockdrop_checkpoint(path, None, agent, {"agent": ckpt.get("agent", ckpt.get("net"))})
-    agent.to(device).eval()
-    with torch.no_grad():
-        usage = torch.cat([greedy_policy(agent(x.to(device))[0]).sum(1).cpu() for x, _ in loader])
-    mean = mean32(usage.numpy())
-    k = ceil_usage(mean)
-    log(f"--k auto: mean block usage {mean:.3f} of {os.path.basename(path)} -> K = {k}")
-    return k
-
-
-def setup_fixed(spec, ckpt, choice, args, loader, device, log) -> Setup:
-    """A fixed policy on the ResNet of ``--load`` or the base network."""
-    k = choice["k"]
-    if k is None:
-        raise PolicySourceError(f"--policy {choice['name']} needs --k: an integer between 1 "
-                                f"and {spec.num_blocks}, or auto")
-    if k == "auto":
-        k = auto_k(spec, ckpt, args.load, loader, device, log)
-    check_k(k, spec.num_blocks, spec.name)
-    rnet, base = load_resnet(spec, ckpt, args, log)
-    return Setup(rnet, build_source(choice["name"], spec, k=k, seed=choice["seed"]), base)
-
-
-def setup_learned(spec, ckpt, name: str, args, log) -> Setup:
-    """The policy network (``blockdrop``) or BlockDrop-seq gates of ``--load``."""
-    if args.k is not None:
-        raise PolicySourceError(f"--k applies to the fixed policies "
-                                f"({', '.join(FIXED_RULES)}), not to {name}")
-    if ckpt is not None:
-        check_agent_type(ckpt, args.load, name, flag="--policy")
-        if agent_type_of(ckpt) is None:
-            raise CheckpointError(f"{args.load} holds no agent; evaluate its ResNet with a "
-                                  f"fixed --policy ({', '.join(FIXED_RULES)}) and --k")
-    elif name == "seq":
-        raise PolicySourceError("--policy seq needs --load with a BlockDrop-seq checkpoint")
-    agent = build_agent(spec, name)
-    if ckpt is None:
-        agent.keep_all()  # the authors' test.py without --load: every block, policy counted
-    rnet, base = load_resnet(spec, ckpt, args, log)
-    if ckpt is not None:
-        load_blockdrop_checkpoint(args.load, None, agent,
-                                  {k: v for k, v in ckpt.items() if k != "resnet"})
-        log(f"loaded agent from {os.path.basename(args.load)}")
-    return Setup(rnet, build_source(name, spec, agent=agent), base)
 
 
 def statistics(args: argparse.Namespace, spec: ModelSpec, setup: Setup, result,
@@ -239,17 +147,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     testset = get_dataset(spec, args.data_dir, train=False, download=args.download)
     loader = DataLoader(testset, batch_size=args.batch_size, shuffle=False,
                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    ckpt = read_checkpoint(args.load) if args.load else None
-    check_model_tag(ckpt, args.load, spec.name)
-    choice = choose_policy(args, ckpt)
-    if choice["name"] in LEARNED:
-        setup = setup_learned(spec, ckpt, choice["name"], args, log)
-    else:
-        setup = setup_fixed(spec, ckpt, choice, args, loader, device, log)
+    request = Request(args.load, args.base_ckpt, args.policy, args.k, args.seed)
+    setup = load_for_eval(spec, request, loader, device, log)
     setup.rnet.to(device)
     setup.source.to(device)
     result = evaluate(setup.rnet, setup.source, loader, device, flops=flop_table(spec.name),
-                      dynamic=not args.masked, fast=options_from(args))
+                      dynamic=not args.masked, fast=fast_options(args))
     print(format_eval_block(result.stats, result.flops))
     if args.out:
         write_json(statistics(args, spec, setup, result, device), args.out)

@@ -25,13 +25,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
-
 import torch
 from torch.profiler import record_function
 
-if TYPE_CHECKING:  # the network calls into this module; no import cycle at run time
-    from .resnet import FlatResNet
+from .backbone import Backbone
 
 # at most this many distinct policies in a batch: group the images by policy
 GROUP_MAX = 4
@@ -45,7 +42,7 @@ def section(name: str) -> AbstractContextManager:
 
 
 # -- chunking ----------------------------------------------------------------
-def chunk_size(rnet: FlatResNet, x: torch.Tensor, rows_per_image: float = 1.0) -> int:
+def chunk_size(rnet: Backbone, x: torch.Tensor, rows_per_image: float = 1.0) -> int:
     """Images per chunk for ``x``: the whole batch unless on CPU in eval mode.
     ``rows_per_image``: activation rows a block works on per image (several
     policies: one per policy; dynamic execution: the share that keeps a block)."""
@@ -57,7 +54,7 @@ def chunk_size(rnet: FlatResNet, x: torch.Tensor, rows_per_image: float = 1.0) -
     return max(1, min(batch, int(rnet.cpu_chunk_bytes // per_image)))
 
 
-def in_chunks(rnet: FlatResNet, fn: Callable, x: torch.Tensor,
+def in_chunks(rnet: Backbone, fn: Callable, x: torch.Tensor,
               rows: torch.Tensor | None = None, rows_per_image: float = 1.0) -> torch.Tensor:
     """``fn(x, rows)`` on chunks of ``chunk_size(rnet, x, rows_per_image)`` images (rows
     split alike), concatenated."""
@@ -69,7 +66,7 @@ def in_chunks(rnet: FlatResNet, fn: Callable, x: torch.Tensor,
 
 
 # -- per-image execution -------------------------------------------------------
-def forward_dynamic(rnet: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+def forward_dynamic(rnet: Backbone, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     """Logits of ``x`` where each block runs only on the images whose (B, K) 0/1
     ``policy`` keeps it; equal to the masked ``rnet(x, policy)`` in eval mode."""
     with section("policy transfer"):
@@ -81,7 +78,7 @@ def forward_dynamic(rnet: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> 
     return in_chunks(rnet, lambda xs, ks: _dynamic_pass(rnet, xs, ks), x, keep, max(usage, 0.25))
 
 
-def _dynamic_pass(rnet: FlatResNet, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _dynamic_pass(rnet: Backbone, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     with section("policy transfer"):
         groups = policy_groups(keep, GROUP_MAX)
     if groups is None:
@@ -101,7 +98,7 @@ def _dynamic_pass(rnet: FlatResNet, x: torch.Tensor, keep: torch.Tensor) -> torc
     return out
 
 
-def forward_policies(rnet: FlatResNet, x: torch.Tensor, policies: Sequence[torch.Tensor],
+def forward_policies(rnet: Backbone, x: torch.Tensor, policies: Sequence[torch.Tensor],
                      dynamic: bool = True) -> list[torch.Tensor]:
     """Logits (one (B, classes) tensor per policy) of the same images under several
     policies. ``dynamic=False`` runs the masked ``rnet(x, p)`` once per policy (the
@@ -116,7 +113,7 @@ def forward_policies(rnet: FlatResNet, x: torch.Tensor, policies: Sequence[torch
     return list(logits.unbind(1))
 
 
-def _policies_pass(rnet: FlatResNet, x: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
+def _policies_pass(rnet: Backbone, x: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
     """Logits (B, P, classes) of ``x`` under the (B, P, K) bool CPU policies ``keeps``."""
     batch, count = keeps.shape[:2]
     num_blocks = rnet.num_blocks
@@ -133,7 +130,7 @@ def _policies_pass(rnet: FlatResNet, x: torch.Tensor, keeps: torch.Tensor) -> to
     return rnet.head(h).index_select(0, inverse.to(h.device)).view(batch, count, -1)
 
 
-def run_blocks(rnet: FlatResNet, x: torch.Tensor, keep: torch.Tensor, start: int,
+def run_blocks(rnet: Backbone, x: torch.Tensor, keep: torch.Tensor, start: int,
                stop: int) -> torch.Tensor:
     """Blocks ``start..stop-1`` on features ``x``; ``keep`` is a (B, K) bool CPU tensor
     of the rows of ``x``. Each block runs on the gathered rows that keep it."""

@@ -146,30 +146,3 @@ def inference_copy(net: M, options: FastOptions = DEFAULT,
     if channels_last:
         fast.to(memory_format=torch.channels_last)
     return fast
-
-
-def add_fast_flags(parser) -> None:
-    """The flags that turn the inference optimisations off (test.py, cl_training.py)."""
-    parser.add_argument("--no_fold", action="store_true",
-                        help="keep BatchNorm separate at inference (default: folded into the "
-                             "convolutions; same numbers up to float rounding)")
-    parser.add_argument("--no_channels_last", action="store_true",
-                        help="keep the NCHW layout at inference (default on CPU: channels_last)")
-
-
-def options_from(args) -> FastOptions:
-    """The FastOptions of parsed ``add_fast_flags`` arguments."""
-    return FastOptions(fold_bn=not getattr(args, "no_fold", False),
-                       channels_last=False if getattr(args, "no_channels_last", False) else None)
-
-
-def inference_source(source, options: FastOptions = DEFAULT,
-                     device: torch.device | None = None):
-    """A policy source (models.sources) whose deciding network, if any, is an inference
-    copy; the source itself is left untouched."""
-    agent = getattr(source, "agent", None)
-    if agent is None:
-        return source
-    fast = copy.copy(source)
-    fast.agent = inference_copy(agent, options, device)
-    return fast

@@ -47,12 +47,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from models import FlatResNet, PolicyNet, get_model, get_spec
-from models.seq import MODES, SeqAgent, SeqSource, build_seq_agent, seq_pass
-from models.sources import build_source
+from policies.registry import build_source
+from policies.seq import MODES, SeqAgent, build_seq_agent, seq_pass
 from models.fast import OFF, FastOptions, inference_copy
-from utils.engine import curriculum_train_step, evaluate
-from utils.flops import flop_counter, flop_table
-from utils.rewards import greedy_policy
+from policies.blockdrop import curriculum_train_step
+from utils.engine import evaluate
+from models.flops import flop_counter, flop_table
+from policies.rewards import greedy_policy
 from utils.stats import format_eval_block, policy_stats
 
 # blocks kept per image by the paper's models: R110 gamma=10 (16.9 of 54),
@@ -297,7 +298,8 @@ def bench_eval(name: str, images: int, batch: int, keep: int, repeats: int,
     results = {}
 
     def batched():
-        res = evaluate(rnet, agent, loader, device, flops=table, progress=False, fast=fast)
+        source = build_source("blockdrop", spec, agent=agent)
+        res = evaluate(rnet, source, loader, device, flops=table, progress=False, fast=fast)
         results["batched"] = format_eval_block(res.stats, res.flops)
 
     def authors():
@@ -398,7 +400,7 @@ def bench_seq(name: str, batch: int, keep: int, repeats: int, warmup: int,
     seq_agent = build_seq_agent(spec).to(device).eval()
     calibrate_seq_agent(rnet, seq_agent, calib, fraction, gen)
     sources = {"blockdrop": build_source("blockdrop", spec, agent=agent),
-               "seq": SeqSource(seq_agent)}
+               "seq": build_source("seq", spec, agent=seq_agent)}
     fns = {"full": lambda: [rnet.forward_full(c) for c in chunks]}
     for key, source in sources.items():
         fns[key] = lambda source=source: [source.run(rnet, c) for c in chunks]

@@ -135,15 +135,15 @@ def compare_difficulty(model: str, load: str, data_dir: str, base_ckpt: str = No
     from torch.utils.data import DataLoader
 
     from models import get_spec
-    from utils.checkpoint import load_for_eval
+    from utils.networks import Request, load_for_eval
     from utils.data import get_dataset
     from utils.engine import evaluate
 
     spec = get_spec(model)
-    rnet, agent = load_for_eval(spec, load, base_ckpt, log=lambda _msg: None)
+    setup = load_for_eval(spec, Request(load, base_ckpt))
     testset = get_dataset(spec, data_dir, train=False)
-    result = evaluate(rnet, agent, DataLoader(testset, batch_size=batch_size), torch.device("cpu"),
-                      progress=False)
+    result = evaluate(setup.rnet, setup.source, DataLoader(testset, batch_size=batch_size),
+                      torch.device("cpu"), progress=False)
     usage = result.policies.sum(1).numpy()
     correct = result.matches.numpy()
     hard = read_difficulty(data_dir) == 1

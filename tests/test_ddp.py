@@ -20,8 +20,8 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 from utils.dist import DistInfo, wrap
-from utils.engine import (Loop, Stage, curriculum_train_step, evaluate_policy, finetune_train_step,
-                          fit, lr_at)
+from policies.blockdrop import AgentSource, curriculum_train_step, finetune_train_step
+from utils.engine import Loop, Stage, evaluate_policy, fit, lr_at
 from utils.run_folder import RunLog
 from utils.seeding import keyed_uniform
 
@@ -94,7 +94,8 @@ def train_tiny(rank: int, world: int, stage: str, out_dir: str) -> None:
 
     modules = {"agent": agent, "resnet": rnet}
     st = Stage(stage, modules, optimizer, lambda: (d_agent.train(), d_rnet.train()), step_for,
-               lambda e: evaluate_policy(rnet, agent, test_loader, device, -2.0, progress=False),
+               lambda e: evaluate_policy(rnet, AgentSource(agent, 0), test_loader, device, -2.0,
+                                         progress=False),
                lambda e: lr_at(e, 0.05, 0.1, 1),
                lambda e, s: (f"ckpt_{e}.t7", {"agent": agent.state_dict()}))
     os.makedirs(out_dir, exist_ok=True)

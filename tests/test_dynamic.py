@@ -9,7 +9,7 @@ from models import get_model
 from models.dynamic import chunk_size
 from models.fast import FastOptions, FoldedBlock, inference_copy
 from scripts.benchmark import random_policies
-from utils.engine import curriculum_train_step
+from policies.blockdrop import curriculum_train_step
 
 # (model, image size, batch): R101 needs 224x224 for its 7x7 head pool
 CASES = [("R32_C10", 32, 6), ("R110_C10", 32, 5), ("R32_C100", 32, 6),

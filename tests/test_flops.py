@@ -1,7 +1,7 @@
 """FLOP convention of footnote 3 (SPEC section 5): pinned values and per-image sums."""
 import torch
 
-from utils.flops import flop_table
+from models.flops import flop_table
 
 
 def test_pinned_full_network_flops():

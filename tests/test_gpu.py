@@ -29,7 +29,7 @@ from helpers import randomize_bn
 from models import MODEL_SPECS, get_model, get_spec
 from scripts import benchmark
 from utils.data import get_dataset, write_cifar_folder
-from utils.engine import curriculum_train_step, finetune_train_step
+from policies.blockdrop import curriculum_train_step, finetune_train_step
 
 pytestmark = pytest.mark.gpu
 

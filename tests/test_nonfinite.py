@@ -20,9 +20,9 @@ from helpers import error_line
 from models import get_model
 from utils.checkpoint import (CheckpointError, NonFiniteError, first_non_finite,
                               load_blockdrop_checkpoint, save_checkpoint)
-from utils.engine import (NonFiniteLossError, curriculum_train_step, finetune_train_step,
-                          train_epoch)
-from utils.rewards import policy_log_prob
+from policies.blockdrop import curriculum_train_step, finetune_train_step
+from policies.rewards import policy_log_prob
+from utils.engine import NonFiniteLossError, train_epoch
 
 
 def _digests(folder):

@@ -9,7 +9,7 @@ import cl_training
 from helpers import error_line
 from models import build_policy, get_spec
 from utils.checkpoint import init_policy
-from utils.policy_init import PolicyInitError, resolve_policy_init
+from policies.policy_init import PolicyInitError, resolve_policy_init
 
 R101 = get_spec("R101_ImgNet")
 

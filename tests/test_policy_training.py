@@ -9,7 +9,7 @@ import cl_training
 import finetune
 import test as test_script
 from models import build_resnet, get_spec
-from models.seq import build_seq_agent
+from policies.seq import build_seq_agent
 from test_seq import _reference_block
 from utils.checkpoint import read_checkpoint, resnet_state
 from utils.data import get_dataset

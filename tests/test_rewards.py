@@ -1,10 +1,10 @@
-"""Hand-computed values of the equations in utils/rewards.py (paper Sec. 3.3, Alg. 1)."""
+"""Hand-computed values of the equations in policies/rewards.py (paper Sec. 3.3, Alg. 1)."""
 import math
 
 import pytest
 import torch
 
-from utils import rewards as R
+from policies import rewards as R
 
 
 def test_greedy_policy_thresholds_at_one_half():

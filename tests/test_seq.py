@@ -7,10 +7,9 @@ import torch.nn.functional as F
 import test as test_script
 from helpers import make_cifar, randomize_bn
 from models import build_resnet, get_spec
-from models.seq import SeqNet, SeqSource, build_seq_agent, seq_pass
+from models.flops import flop_table
+from policies.seq import SeqNet, SeqSource, build_seq_agent, seq_pass, seq_train_step
 from utils.data import get_dataset
-from utils.engine import seq_train_step
-from utils.flops import flop_table
 from utils.stats import format_eval_block, policy_stats
 
 

@@ -1,12 +1,13 @@
-"""Policy sources (models.sources): Table 1's fixed heuristics and the learned ones."""
+"""Policy sources (policies): Table 1's fixed heuristics and the learned ones."""
 import pytest
 import torch
 
 from models import build_policy, get_spec
-from models.seq import build_seq_agent
-from models.sources import (SOURCE_NAMES, PolicySourceError, as_source, build_agent,
-                            build_source, ceil_usage, stage_quotas)
-from utils.flops import flop_table
+from policies.seq import build_seq_agent
+from policies.fixed import ceil_usage, stage_quotas
+from policies.registry import build_agent, build_source, method_names
+from policies.source import PolicySourceError
+from models.flops import flop_table
 
 
 def _kept(source, spec, batch=3):
@@ -76,7 +77,6 @@ def test_blockdrop_source_is_the_greedy_policy_and_counts_its_flops(name):
         probs, _ = agent(x)
         assert torch.equal(source(x), (probs >= 0.5).float())
     assert source.k is None and source.policy_flops == flop_table(name).policy > 0
-    assert as_source(agent, 7).policy_flops == 7 and as_source(source) is source
 
 
 @pytest.mark.parametrize("name", ["R32_C10", "R110_C10"])
@@ -94,7 +94,7 @@ def test_seq_source_counts_its_gates(name):
 
 def test_bad_source_requests():
     spec = get_spec("R32_C10")
-    with pytest.raises(PolicySourceError, match="valid policies: blockdrop, firstk"):
+    with pytest.raises(PolicySourceError, match="unknown policy .*registered: blockdrop, "):
         build_source("lastk", spec, k=3)
     for k in (0, 16, None, "auto"):
         with pytest.raises(PolicySourceError, match="between 1 and 15"):
@@ -103,11 +103,14 @@ def test_bad_source_requests():
         build_source("blockdrop", spec)
     with pytest.raises(PolicySourceError, match="seq"):
         build_source("seq", spec, agent=build_policy(spec))
-    with pytest.raises(PolicySourceError, match="seq source"):
+    with pytest.raises(PolicySourceError, match="one-shot policy network"):
         build_source("blockdrop", spec, agent=build_seq_agent(spec))
-    with pytest.raises(PolicySourceError, match="valid agents: blockdrop, seq"):
+    with pytest.raises(PolicySourceError, match="unknown agent .*registered: blockdrop, "):
         build_agent(spec, "lstm")
-    assert set(SOURCE_NAMES) == {"blockdrop", "firstk", "randomk", "distributek", "seq"}
+    assert {"blockdrop", "firstk", "randomk", "distributek", "everyother", "seq"} <= set(
+        method_names())
+    with pytest.raises(PolicySourceError, match="fixed policy and has no network"):
+        build_agent(spec, "firstk")
 
 
 def test_k_is_the_mean_usage_rounded_up():

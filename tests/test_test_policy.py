@@ -12,7 +12,7 @@ from legacy_writer import legacy_state_dict, save_pytorch03
 from models import get_model, get_spec
 from test_eval import _count_flops, _images, _trained_looking
 from utils.data import get_dataset
-from utils.flops import flop_table
+from models.flops import flop_table
 
 JSON_KEYS = {"model", "policy", "k", "checkpoint", "base_ckpt", "data_dir", "num_images",
              "accuracy", "block_usage_mean", "block_usage_std", "flops_mean", "flops_std",

@@ -3,9 +3,9 @@ import torch
 
 from models import get_model, get_spec
 from utils.data import get_dataset
-from utils.engine import (curriculum_train_step, finetune_train_step, lr_at, multistep_lr,
-                          train_epoch)
-from utils.rewards import bounded_probs, greedy_policy, sample_policy
+from policies.blockdrop import curriculum_train_step, finetune_train_step
+from policies.rewards import bounded_probs, greedy_policy, sample_policy
+from utils.engine import lr_at, multistep_lr, train_epoch
 
 
 def _batch(seed=0, n=4):

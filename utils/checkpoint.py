@@ -1,4 +1,4 @@
-"""Reading and writing checkpoints in every layout users hold (SPEC section 3).
+"""Reading and writing checkpoints in every layout users hold (docs/checkpoints.md).
 
 * BlockDrop stage checkpoints (the authors' and ours): ``agent`` (or ``net`` in
   a few old files) for the policy, ``resnet`` after joint finetuning, plus
@@ -16,8 +16,6 @@ state with NaN or infinite values is neither written nor loaded.
 """
 from __future__ import annotations
 
-from utils.errors import UserError
-
 import argparse
 import contextlib
 import errno
@@ -32,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from utils.errors import UserError
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -358,43 +358,3 @@ def load_default_base(rnet: nn.Module, spec, path: str | None = None,
               "pretrain_resnet.py, or unpack the authors' checkpoints into ./cv/)")
     load_base_resnet(rnet, path)
     return path
-
-
-def load_for_eval(spec, load: str | None, base_ckpt: str | None = None,
-                  log=print) -> tuple[nn.Module, nn.Module]:
-    """The base ResNet and policy of ``spec``, loaded as the authors' test.py did.
-
-    Without ``load`` the policy keeps every block (it still runs and counts).
-    A checkpoint without ``resnet`` is paired with the pretrained base network
-    from ``base_ckpt`` or the spec's default path.
-    """
-    from models import build_policy, build_resnet  # models imports nothing from here
-
-    rnet, agent = build_resnet(spec), build_policy(spec)
-    agent.keep_all()
-    ckpt = read_checkpoint(load) if load else None
-    check_model_tag(ckpt, load, spec.name)
-    if not (isinstance(ckpt, Mapping) and "resnet" in ckpt):
-        base = load_default_base(rnet, spec, base_ckpt, policy_only=ckpt is not None)
-        log(f"loaded base resnet from {base}")
-    if ckpt is not None:
-        loaded = load_blockdrop_checkpoint(load, rnet, agent, ckpt)
-        log(f"loaded {' and '.join(k for k in ('resnet', 'agent') if loaded[k])} "
-            f"from {os.path.basename(load)}")
-    return rnet, agent
-
-
-def agent_type_of(ckpt: Any) -> str | None:
-    """The kind of agent a checkpoint holds: its ``agent_type`` record (``blockdrop``,
-    ``seq``), ``blockdrop`` for files without one (the authors'), None without an agent."""
-    if not isinstance(ckpt, Mapping) or not any(k in ckpt for k in ("agent", "net")):
-        return None
-    return str(ckpt.get("agent_type", "blockdrop"))
-
-
-def check_agent_type(ckpt: Any, path: str, expected: str, flag: str = "--agent") -> None:
-    """Refuse, in one line, a checkpoint whose agent is not of type ``expected``."""
-    found = agent_type_of(ckpt)
-    if found is not None and found != expected:
-        raise CheckpointError(f"{path} holds a {found!r} agent, not {expected!r} "
-                              f"(pass {flag} {found}, or a checkpoint of a {expected} agent)")

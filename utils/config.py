@@ -1,4 +1,4 @@
-"""Configuration of the scripts: flags, resolution and validation (STYLE 2, SPEC section 7).
+"""Configuration of the scripts: flags, resolution and validation (docs/training.md).
 
 Every script builds its parser with :func:`make_parser` (no abbreviated flags:
 ``--policy`` is never read as ``--policy_init``) and the shared argument groups
@@ -22,7 +22,11 @@ import torch
 import yaml
 
 from models import MODEL_SPECS, get_spec
-from models.sources import AGENT_TYPES, FIXED_RULES, PolicySourceError, check_k
+from models.fast import FastOptions
+from policies.fixed import check_k
+from policies.registry import (DEFAULT_METHOD, add_method_options, chosen_method, get_method,
+                               method_names, option_problems)
+from policies.source import PolicySourceError
 from utils.errors import UserError
 
 # keys that steer this invocation or describe this machine: never taken from a saved config
@@ -204,13 +208,6 @@ def add_run_args(p: argparse.ArgumentParser, test_every: int = 10,
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
 
 
-def add_policy_init_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy_init", default=None,
-                   help="ImageNet policy start: 'torchvision' (download resnet18's weights), a "
-                        "state-dict PATH, or 'random'; default for a fresh curriculum run: "
-                        "resnet18 from the torch hub cache, as in the paper (else it stops)")
-
-
 def check_common(args: argparse.Namespace) -> list[str]:
     """Problems with the values shared by the training scripts (empty if none)."""
     problems = []
@@ -270,45 +267,57 @@ def validate(args: argparse.Namespace, prog: str,
         raise ConfigError("; ".join(problems))
 
 
-def add_agent_arg(p: argparse.ArgumentParser) -> None:
-    """``--agent``: what decides the blocks (``models.sources.AGENT_TYPES``)."""
-    p.add_argument("--agent", choices=AGENT_TYPES, default="blockdrop",
-                   help="blockdrop: the one-shot policy network; seq: BlockDrop-seq's per-block "
-                        "gates (supplement). Checkpoints record it")
+def add_method_args(p: argparse.ArgumentParser, fixed_policies: bool = False) -> None:
+    """``--agent`` (the learned method that decides), every method's own options and,
+    for finetuning, ``--policy``/``--k`` (a fixed rule the ResNet is trained under)."""
+    p.add_argument("--agent", choices=method_names(learned=True), default=DEFAULT_METHOD,
+                   help="the learned method: " + "; ".join(
+                       f"{n}: {get_method(n).summary}" for n in method_names(learned=True))
+                   + ". Checkpoints record it")
+    if fixed_policies:
+        p.add_argument("--policy", choices=method_names(learned=False), default=None,
+                       help="train the ResNet alone, with cross-entropy, under this fixed "
+                            "policy (Table 1's ft columns; no policy network); --seed picks "
+                            "randomk's draw")
+        p.add_argument("--k", type=int, default=None,
+                       help="blocks the fixed --policy keeps, 1..K")
+    add_method_options(p)
 
 
-def agent_problems(args: argparse.Namespace) -> list[str]:
-    """``--policy_init`` initialises the one-shot policy network only."""
-    if getattr(args, "policy_init", None) and args.agent != "blockdrop":
-        return [f"--policy_init initialises the blockdrop policy network; --agent {args.agent} "
-                f"has none"]
-    return []
-
-
-def add_fixed_policy_args(p: argparse.ArgumentParser) -> None:
-    """finetune.py's ``--policy``/``--k``: train the ResNet alone under a fixed policy."""
-    p.add_argument("--policy", choices=tuple(FIXED_RULES), default=None,
-                   help="train the ResNet alone, with cross-entropy, under this fixed policy "
-                        "(Table 1's ft columns; no policy network); --seed picks randomk's draw")
-    p.add_argument("--k", type=int, default=None, help="blocks the fixed --policy keeps, 1..K")
-
-
-def fixed_policy_problems(args: argparse.Namespace) -> list[str]:
-    """``--policy`` needs a ``--k`` in 1..K and trains no agent; ``--k`` needs ``--policy``."""
-    problems = agent_problems(args)
-    if args.policy is None:
-        return problems + (["--k applies to a fixed --policy"] if args.k is not None else [])
+def method_problems(args: argparse.Namespace) -> list[str]:
+    """The chosen method's option checks; ``--policy`` needs a ``--k`` in 1..K and trains
+    no agent; ``--k`` needs ``--policy``."""
+    fixed = getattr(args, "policy", None)
+    problems = option_problems(args, chosen_method(args).name)
+    if fixed is None:
+        given_k = getattr(args, "k", None) is not None
+        return problems + (["--k applies to a fixed --policy"] if given_k else [])
     spec = get_spec(args.model)
     if args.k is None:
-        problems.append(f"--policy {args.policy} needs --k: an integer between 1 and "
+        problems.append(f"--policy {fixed} needs --k: an integer between 1 and "
                         f"{spec.num_blocks}")
     else:
         try:
             check_k(args.k, spec.num_blocks, spec.name)
         except PolicySourceError as err:
             problems.append(str(err))
-    for flag, given in (("--agent", args.agent != "blockdrop"), ("--pretrained", args.pretrained),
-                        ("--policy_init", args.policy_init)):
+    for flag, given in (("--agent", args.agent != DEFAULT_METHOD),
+                        ("--pretrained", getattr(args, "pretrained", None))):
         if given:
-            problems.append(f"--policy {args.policy} trains no agent; leave out {flag}")
+            problems.append(f"--policy {fixed} trains no agent; leave out {flag}")
     return problems
+
+
+def add_fast_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that turn the inference optimisations off (models.fast)."""
+    parser.add_argument("--no_fold", action="store_true",
+                        help="keep BatchNorm separate at inference (default: folded into the "
+                             "convolutions; same function up to float rounding)")
+    parser.add_argument("--no_channels_last", action="store_true",
+                        help="keep the NCHW layout at inference (default on CPU: channels_last)")
+
+
+def fast_options(args: argparse.Namespace) -> FastOptions:
+    """The FastOptions of parsed :func:`add_fast_flags` arguments."""
+    return FastOptions(fold_bn=not getattr(args, "no_fold", False),
+                       channels_last=False if getattr(args, "no_channels_last", False) else None)

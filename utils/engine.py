@@ -1,14 +1,12 @@
-"""The loops shared by every entry point (STYLE: one engine).
+"""The loops shared by every entry point: one engine.
 
-``evaluate`` is the greedy-policy evaluation of test.py and of the training
-scripts' periodic test (paper Sec. 4, SPEC sections 4-5). The training steps
-of curriculum learning and joint finetuning (paper Sec. 3.3, Alg. 1), of base
-network pretraining, and the epoch loop :func:`fit` that all training scripts
-share follow it.
+``evaluate`` runs a policy source over a test set (test.py and the training
+scripts' periodic test; paper Sec. 4, docs/evaluation.md). The epoch loop
+:func:`fit` trains any stage; a stage's step comes from its method
+(:mod:`policies`), or is the plain classifier step of base-network pretraining.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -22,15 +20,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import FlatResNet
-from models.sources import PolicySource, as_source
 from models.fast import DEFAULT as DEFAULT_FAST
-from models.fast import FastOptions, inference_copy, inference_source
+from models.fast import FastOptions, inference_copy
+from models.flops import FlopTable
+from policies.method import StepOutput
+from policies.rewards import reward
+from policies.source import PolicySource
+from utils.amp import autocast
 from utils.checkpoint import (CheckpointError, NonFiniteError, first_non_finite, load_state_strict,
                               save_checkpoint)
 from utils.dist import DistInfo, all_true, gather_cat, gather_objects, unwrap
-from utils.flops import FlopTable
-from utils.rewards import (advantage, apply_curriculum, bounded_probs, curriculum_loss,
-                           curriculum_mask, finetune_loss, greedy_policy, reward, sample_policy)
 from utils.run_folder import LAST, RunLog
 from utils.seeding import rng_state, set_rng_state
 from utils.stats import PolicyStats, mean32, policy_stats
@@ -46,25 +45,24 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(rnet: FlatResNet, source: PolicySource | nn.Module, loader: Iterable,
+def evaluate(rnet: FlatResNet, source: PolicySource, loader: Iterable,
              device: torch.device, flops: FlopTable | None = None,
              penalty: float | None = None, cl_step: int | None = None,
              dynamic: bool = True, progress: bool = True, desc: str = "test",
              fast: FastOptions = DEFAULT_FAST) -> EvalResult:
     """Run ``source``'s decisions over ``loader`` and collect the paper's statistics.
 
-    ``source``: a policy source (:mod:`models.sources`); a policy network is taken
-    as the ``blockdrop`` source (its FLOPs from ``flops``). Per-image FLOPs are the
-    ResNet's under the policy plus ``source.policy_flops`` (0 for a fixed policy).
+    ``source``: a policy source (:mod:`policies.source`, built through
+    :func:`policies.registry.build_source`). Per-image FLOPs are the ResNet's under
+    the policy plus ``source.policy_flops`` (0 for a fixed policy).
     ``cl_step``: during curriculum learning only the last ``cl_step`` blocks are
     decided, the others kept. ``dynamic`` runs each block only on the images that
     keep it; ``False`` uses the masked ``forward``. ``fast``: the inference
-    optimisations applied to copies of the ResNet and the policy network (models.fast).
+    optimisations applied to copies of the ResNet and the deciding network (models.fast).
     """
-    source = as_source(source, flops.policy if flops is not None else 0)
     rnet.eval()
     source.eval()
-    rnet, source = inference_copy(rnet, fast, device), inference_source(source, fast, device)
+    rnet, source = inference_copy(rnet, fast, device), source.for_inference(fast, device)
     policies, matches, rewards = [], [], []
     for inputs, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         inputs = inputs.to(device, non_blocking=True)
@@ -86,22 +84,12 @@ def evaluate(rnet: FlatResNet, source: PolicySource | nn.Module, loader: Iterabl
 
 
 # ---------------------------------------------------------------------------
-# Training (paper Sec. 3.3, Alg. 1; SPEC section 4)
+# Training
 # ---------------------------------------------------------------------------
 
 
 class NonFiniteLossError(NonFiniteError):
     """The loss became NaN or infinite; training stops before the bad update."""
-
-
-@dataclass
-class StepOutput:
-    """What one training step returns: the loss to minimise and what the log counts."""
-
-    loss: torch.Tensor
-    match: torch.Tensor  # (B,) 1 where the prediction (under the sampled policy) is right
-    policy: torch.Tensor | None = None  # (B, K) the sampled policy
-    reward: torch.Tensor | None = None  # (B,) its reward
 
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], StepOutput]
@@ -120,107 +108,6 @@ def multistep_lr(epoch: int, lr0: float, decay: float, milestones: Sequence[int]
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def autocast(amp: str, device: torch.device):
-    """``torch.autocast`` in bfloat16 for ``amp == "bf16"``, else a no-op context."""
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def policy_pass(agent: nn.Module, inputs: torch.Tensor, alpha: float, noise: torch.Tensor,
-                cl_step: int | None = None):
-    """The policy's forward pass of a training step.
-
-    Returns ``(s', ũ, u, mask)``: bounded probabilities (with gradient), greedy and
-    sampled policies, and the curriculum mask (None when every block is decided).
-    With ``cl_step < K`` the first ``K − cl_step`` blocks are forced to 1 in both.
-    """
-    probs, _ = agent(inputs)
-    probs = probs.float()
-    greedy = greedy_policy(probs.detach())
-    bprobs = bounded_probs(probs, alpha)
-    sampled = sample_policy(bprobs.detach(), noise)
-    num_blocks = probs.shape[1]
-    if cl_step is None or cl_step >= num_blocks:
-        return bprobs, greedy, sampled, None
-    mask = curriculum_mask(len(inputs), num_blocks, cl_step, probs.device)
-    return bprobs, apply_curriculum(greedy, mask), apply_curriculum(sampled, mask), mask
-
-
-def curriculum_train_step(rnet: FlatResNet, agent: nn.Module, inputs: torch.Tensor,
-                          targets: torch.Tensor, noise: torch.Tensor, *, alpha: float,
-                          beta: float, penalty: float, cl_step: int, dynamic: bool = True,
-                          amp: str = "none") -> StepOutput:
-    """Curriculum learning: frozen ResNet (no gradient), both policies in one pass."""
-    with autocast(amp, inputs.device):
-        bprobs, greedy, sampled, mask = policy_pass(agent, inputs, alpha, noise, cl_step)
-        with torch.no_grad():
-            preds_greedy, preds_sampled = rnet.forward_policies(
-                inputs, [greedy, sampled], dynamic=dynamic)
-    reward_greedy, _ = reward(preds_greedy.float(), targets, greedy, penalty)
-    reward_sampled, match = reward(preds_sampled.float(), targets, sampled, penalty)
-    if mask is None:
-        mask = torch.ones_like(sampled)
-    loss = curriculum_loss(bprobs, sampled, advantage(reward_sampled, reward_greedy), mask, beta)
-    return StepOutput(loss, match, sampled, reward_sampled)
-
-
-def finetune_train_step(rnet: nn.Module, agent: nn.Module, inputs: torch.Tensor,
-                        targets: torch.Tensor, noise: torch.Tensor, *, alpha: float,
-                        penalty: float, world_size: int = 1, amp: str = "none") -> StepOutput:
-    """Joint finetuning: greedy pass without gradient, sampled pass with gradient through
-    the masked forward (the ResNet in train mode), as in the authors' finetune.py."""
-    with autocast(amp, inputs.device):
-        bprobs, greedy, sampled, _ = policy_pass(agent, inputs, alpha, noise)
-        with torch.no_grad():
-            preds_greedy = rnet(inputs, greedy)
-        preds_sampled = rnet(inputs, sampled)
-    reward_greedy, _ = reward(preds_greedy.float(), targets, greedy, penalty)
-    reward_sampled, match = reward(preds_sampled.float(), targets, sampled, penalty)
-    loss = finetune_loss(bprobs, sampled, advantage(reward_sampled, reward_greedy),
-                         preds_sampled.float(), targets, sum_scale=world_size)
-    return StepOutput(loss, match, sampled, reward_sampled)
-
-
-def seq_train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                   noise: torch.Tensor, *, alpha: float, penalty: float,
-                   beta: float | None = None, cl_step: int | None = None,
-                   mode: str = "masked", world_size: int = 1, amp: str = "none") -> StepOutput:
-    """BlockDrop-seq (supplement): a greedy pass without gradient (the self-critical
-    baseline), then a pass whose decisions are sampled block by block, both through
-    ``net`` (a :class:`models.seq.SeqNet`, possibly DDP-wrapped). Eq. 3 rewards,
-    Eq. 6 advantage; ``beta`` given: the curriculum loss (the first ``K − cl_step``
-    blocks kept and masked out), else the joint-finetuning loss."""
-    num_blocks = noise.shape[1]
-    keep_first = 0 if cl_step is None or cl_step >= num_blocks else num_blocks - cl_step
-    with autocast(amp, inputs.device):
-        with torch.no_grad():
-            greedy = net(inputs, None, alpha, keep_first, mode)
-        sampled = net(inputs, noise, alpha, keep_first, mode)
-    reward_greedy, _ = reward(greedy.logits.float(), targets, greedy.policy, penalty)
-    reward_sampled, match = reward(sampled.logits.float(), targets, sampled.policy, penalty)
-    adv = advantage(reward_sampled, reward_greedy)
-    bprobs = bounded_probs(sampled.probs.float(), alpha)
-    if beta is None:
-        loss = finetune_loss(bprobs, sampled.policy, adv, sampled.logits.float(), targets,
-                             sum_scale=world_size)
-    else:
-        mask = curriculum_mask(len(inputs), num_blocks, num_blocks - keep_first, inputs.device)
-        loss = curriculum_loss(bprobs, sampled.policy, adv, mask, beta)
-    return StepOutput(loss, match, sampled.policy, reward_sampled)
-
-
-def fixed_policy_train_step(rnet: nn.Module, vector: torch.Tensor, inputs: torch.Tensor,
-                            targets: torch.Tensor, amp: str = "none") -> StepOutput:
-    """Finetuning the ResNet alone under a fixed policy (Table 1's "ft"): cross-entropy
-    of the masked forward with the same (K,) keep vector for every image."""
-    policy = vector.to(inputs.device).expand(inputs.shape[0], -1)
-    with autocast(amp, inputs.device):
-        preds = rnet(inputs, policy)
-    loss = F.cross_entropy(preds.float(), targets)
-    return StepOutput(loss, (preds.argmax(1) == targets).float())
 
 
 def classifier_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -271,14 +158,11 @@ def train_epoch(step: StepFn, loader: Iterable, optimizer: torch.optim.Optimizer
     return _summary(matches, losses, policies, rewards)
 
 
-def evaluate_policy(rnet: FlatResNet, source: PolicySource | nn.Module, loader: Iterable,
+def evaluate_policy(rnet: FlatResNet, source: PolicySource, loader: Iterable,
                     device: torch.device, penalty: float, cl_step: int | None = None,
                     dynamic: bool = True, progress: bool = True,
                     fast: FastOptions = DEFAULT_FAST) -> dict[str, float]:
-    """Test statistics of ``source`` (a policy source or a policy network), gathered
-    over processes that each hold a shard."""
-    if isinstance(source, nn.Module):
-        source = unwrap(source)
+    """Test statistics of ``source``, gathered over processes that each hold a shard."""
     result = evaluate(unwrap(rnet), source, loader, device, penalty=penalty,
                       cl_step=cl_step, dynamic=dynamic, progress=progress, fast=fast)
     stats = policy_stats(gather_cat(result.policies), gather_cat(result.matches),

@@ -1,4 +1,4 @@
-"""Launching a training script: the one process start every stage shares (SPEC section 7).
+"""Launching a training script: the one process start every training stage shares.
 
 A script describes itself as a :class:`Script`: its parser, how it loads its
 networks, and ``build_stage``, which turns them into the :class:`Plan` the
@@ -63,6 +63,11 @@ class Plan:
     first_epoch: int  # the first epoch of a fresh run (``--load`` continues a count)
     num_epochs: int  # epochs of the whole run, counted from ``first_epoch``
     test_due: Callable[[int], bool]  # evaluate (and save a checkpoint) after this epoch?
+
+
+def test_every(every: int) -> Callable[[int], bool]:
+    """``test_due`` of a plan that evaluates every ``every`` epochs (epoch 0 included)."""
+    return lambda epoch: epoch % every == 0
 
 
 def _no_problems(args: argparse.Namespace) -> list[str]:

@@ -94,16 +94,16 @@ def measure_speedup(request: EvalRequest, batch_size: int, images: int, repeats:
     policy, dynamic execution: ``PolicySource.run``) on the first ``images`` test images in
     batches of ``batch_size``; ``speedup`` = 1 − BlockDrop time / full time, in percent."""
     from models import get_spec
-    from models.sources import build_source
     from scripts.benchmark import Clock, time_interleaved
-    from utils.checkpoint import load_for_eval
+    from utils.networks import Request, load_for_eval
     from utils.data import get_dataset
 
     spec = get_spec(request.model)
     device = torch.device(request.device)
-    rnet, agent = load_for_eval(spec, request.load, request.base_ckpt, log=lambda _m: None)
-    rnet.to(device).eval()
-    source = build_source("blockdrop", spec, agent=agent).to(device).eval()
+    setup = load_for_eval(spec, Request(request.load, request.base_ckpt, request.policy,
+                                        request.k, request.seed))
+    rnet = setup.rnet.to(device).eval()
+    source = setup.source.to(device).eval()
     testset = get_dataset(spec, request.data_dir, train=False)
     n = min(images, len(testset))
     batches = list(torch.split(torch.stack([testset[i][0] for i in range(n)]).to(device),

@@ -20,12 +20,12 @@ from scripts.repro.commands import Context, preamble, prepare
 from scripts.repro.gamma import depth
 from scripts.repro.released import gamma_text
 from scripts.repro.tables import NotFoundError, identify
-from utils.checkpoint import load_for_eval
 from utils.data import get_dataset
 from utils.engine import EvalResult, evaluate
+from utils.networks import Request, load_for_eval
 from utils.figures import (accuracy_by_blocks, dominant_policies, fewest_most_blocks,
                            keep_rates, pick_classes, save, usage_histogram)
-from utils.flops import flop_table
+from models.flops import flop_table
 from utils.paper import paper_row
 from utils.report import Label, Metric, Table, write_table
 
@@ -99,14 +99,13 @@ def run_figures(args: argparse.Namespace, argv: Sequence[str]) -> None:
 def draw(ctx: Context, model: str, gamma, checkpoint: str, base) -> None:
     spec = get_spec(model)
     args = ctx.args
-    rnet, agent = load_for_eval(spec, checkpoint, base, log=lambda _m: None)
+    setup = load_for_eval(spec, Request(checkpoint, base))
     device = torch.device(args.device)
-    rnet.to(device)
-    agent.to(device)
+    rnet, source = setup.rnet.to(device), setup.source.to(device)
     testset = get_dataset(spec, ctx.data_dir, train=False)
     loader = DataLoader(testset, batch_size=args.batch_size, num_workers=ctx.workers)
     ctx.say(f"[eval] {model} {checkpoint}")
-    result = evaluate(rnet, agent, loader, device, flops=flop_table(model), progress=False)
+    result = evaluate(rnet, source, loader, device, flops=flop_table(model), progress=False)
     policies = result.policies.numpy()
     usage, matches = policies.sum(1), result.matches.numpy()
     labels = np.asarray(getattr(testset, "targets", [y for _x, y in testset]))

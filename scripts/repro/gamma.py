@@ -19,7 +19,7 @@ from models import get_spec
 from scripts.repro.evaluation import EvalRequest, measure_speedup, run_test
 from scripts.repro.released import Finetuned, gamma_text
 from utils.figures import Point, flops_vs_accuracy
-from utils.flops import flop_table
+from models.flops import flop_table
 from utils.paper import paper_row, paper_rows
 from utils.report import Label, Metric, Table
 

@@ -1,7 +1,7 @@
 """Table 1: BlockDrop against fixed heuristics at the same block budget, before and after
 joint finetuning (paper Sec. 4.1).
 
-K = BlockDrop's mean block usage rounded up (``models.sources.ceil_usage``). Before
+K = BlockDrop's mean block usage rounded up (``policies.fixed.ceil_usage``). Before
 finetuning, BlockDrop is the curriculum-learning policy on the pretrained ResNet and the
 heuristics keep K blocks of that ResNet; after, BlockDrop is the finetuned model and each
 heuristic's ResNet is finetuned under its own fixed policy (``finetune.py --policy NAME
@@ -15,7 +15,8 @@ import statistics
 from typing import Any
 from collections.abc import Sequence
 
-from models.sources import ceil_usage
+from policies.fixed import ceil_usage
+from policies.registry import get_method
 from scripts.repro import pipeline
 from scripts.repro.commands import Context, model_list, preamble, prepare
 from scripts.repro.evaluation import EvalRequest, run_test
@@ -99,7 +100,7 @@ def model_rows(ctx: Context, model: str, gamma: float, seeds: Sequence[int]
     rows = []
     for name in FIXED:
         before, after = [], []
-        for seed in (seeds if name == "randomk" else [None]):  # only RandomK draws
+        for seed in (seeds if get_method(name).seeded else [None]):  # only RandomK draws
             tail = "" if seed is None else f"_seed{seed}"
             before.append(run(f"{name}_k{k}{tail}", policy=name, k=k, seed=seed))
             tuned = pipeline.finetune(plan, model, gamma, ckpts["base"], None,
@@ -108,7 +109,8 @@ def model_rows(ctx: Context, model: str, gamma: float, seeds: Sequence[int]
         a, b = _acc(before), _acc(after)
         rows.append({"method": name, "acc": a["mean"], "acc_std": a["std"], "k": k,
                      "acc_ft": b["mean"], "acc_ft_std": b["std"], "k_ft": k_ft})
-    rows.append({"method": "blockdrop", "acc": 100 * bd["accuracy"], "k": bd["block_usage_mean"],
+    rows.append({"method": "blockdrop", "learned": True,
+                 "acc": 100 * bd["accuracy"], "k": bd["block_usage_mean"],
                  "acc_ft": 100 * bd_ft["accuracy"], "k_ft": bd_ft["block_usage_mean"]})
     blocks = float(full["block_usage_mean"])
     rows.append({"method": "full", "acc": 100 * full["accuracy"], "k": blocks,
@@ -126,10 +128,9 @@ def run_table1(args: argparse.Namespace, argv: Sequence[str]) -> None:
     for model in models:
         gamma = table1_gamma(model, args.gamma)
         for row in model_rows(ctx, model, gamma, seeds):
-            method = row.pop("method")
+            method, learned = row.pop("method"), row.pop("learned", False)
             paper = paper_row("table1", model=model, method=method) or {}
-            label = METHOD_NAMES[method] + (
-                f" (γ={gamma_text(gamma)})" if method == "blockdrop" else "")
+            label = METHOD_NAMES[method] + (f" (γ={gamma_text(gamma)})" if learned else "")
             table.add({"model": model, "method": label}, row,
                       {k: paper.get(k) for k in ("acc", "k", "acc_ft", "k_ft")})
     table.notes = _notes(ctx, seeds)

@@ -108,3 +108,22 @@ def finetune_loss(bprobs: torch.Tensor, policy: torch.Tensor, adv: torch.Tensor,
     """
     pg = (-policy_log_prob(bprobs, policy).sum(1) * adv).sum()
     return sum_scale * pg + F.cross_entropy(preds, targets)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the hard 0/1 decision ``probs >= threshold``; backward: the gradient of
+    ``probs`` itself (the identity)."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, threshold: float) -> torch.Tensor:
+        return (probs >= threshold).to(probs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def straight_through(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Straight-through estimator: exact 0/1 decisions forward (so the masked forward
+    sees a valid policy), the probabilities' gradient backward."""
+    return _StraightThrough.apply(probs, threshold)

@@ -1,4 +1,4 @@
-"""FLOP accounting (paper footnote 3, SPEC section 5).
+"""FLOP accounting (paper footnote 3; docs/flops.md).
 
 Conv2d and Linear layers only, 2 FLOPs per multiply-accumulate: a conv costs
 ``2*C_in*C_out*k_h*k_w*H_out*W_out`` (per group), a linear ``2*in*out``. Every
@@ -18,7 +18,9 @@ from functools import cache
 import torch
 import torch.nn as nn
 
-from models import build_policy, build_resnet, get_spec
+from . import build_policy, build_resnet
+from .backbone import Backbone
+from .specs import get_spec
 
 
 def _layer_cost(module: nn.Module, out: torch.Tensor) -> int:
@@ -75,23 +77,35 @@ class FlopTable:
         return fixed + policy.to(torch.int64) @ costs
 
 
+def backbone_costs(net: Backbone, image_size: int) -> tuple[int, tuple[int, ...]]:
+    """``(fixed, block_costs)`` of a backbone on one image, through its interface: what
+    runs inside ``run_block(t)`` is block t's; the stem, the residual paths (stage
+    shortcuts) and the head are fixed."""
+    x = torch.zeros(1, 3, image_size, image_size)
+    with flop_counter(net) as costs, torch.no_grad():
+        h = net.stem(x)
+        fixed = sum(costs.values())
+        blocks = []
+        for t in range(net.num_blocks):
+            before = sum(costs.values())
+            residual = net.residual(t, h)
+            fixed += sum(costs.values()) - before
+            before = sum(costs.values())
+            h = net.run_block(t, h, residual)
+            blocks.append(sum(costs.values()) - before)
+        before = sum(costs.values())
+        net.head(h)
+        fixed += sum(costs.values()) - before
+    return fixed, tuple(blocks)
+
+
 @cache
 def flop_table(model_name: str) -> FlopTable:
     """The FlopTable of a registered model, measured once on a single image."""
     spec = get_spec(model_name)
-    rnet, agent = build_resnet(spec), build_policy(spec)
-    rnet.eval()
-    agent.eval()
+    rnet = build_resnet(spec).eval()
+    agent = build_policy(spec).eval()
+    fixed, blocks = backbone_costs(rnet, spec.image_size)
     x = torch.zeros(1, 3, spec.image_size, spec.image_size)
-    rcost = module_flops(lambda: rnet.forward_full(x), rnet)
-    blocks = [0] * rnet.num_blocks
-    fixed = 0
-    flat = {sb: t for t, sb in enumerate(rnet.block_index)}
-    for name, cost in rcost.items():
-        parts = name.split(".")
-        if parts[0] == "blocks":
-            blocks[flat[(int(parts[1]), int(parts[2]))]] += cost
-        else:
-            fixed += cost
     policy = sum(module_flops(lambda: agent(x), agent).values())
-    return FlopTable(fixed, tuple(blocks), policy)
+    return FlopTable(fixed, blocks, policy)

@@ -8,8 +8,10 @@ output of block i-1 (the stem's output for block 0) and gives a softmax over
 
 Decisions are taken one block at a time while the ResNet runs. In training block
 i is kept with probability ``s'_i = α·s_i + (1-α)·(1-s_i)`` (the bounded sampling
-of BlockDrop, SPEC section 4); at test time the decision is the argmax of p_i
+of BlockDrop, Sec. 3.3); at test time the decision is the argmax of p_i
 (keep iff ``p_keep > p_drop``), and the block is then run or skipped.
+Training uses the reward, self-critical baseline and curriculum of BlockDrop
+(:mod:`policies.rewards`) for the ``cl`` and ``finetune`` stages.
 
 The gates read the ResNet's activations without passing gradient back into it
 (``pool(y).detach()``): as in BlockDrop the policy-gradient term trains the
@@ -22,6 +24,7 @@ synchronisation per block. At batch 1 ``grouped`` really skips the block.
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,13 +32,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.rewards import bounded_probs
+from models import FlatResNet, ModelSpec, build_resnet
+from models.dynamic import chunk_size, gather, write_rows
+from utils.amp import autocast
+from utils.dist import wrap
 
-from .dynamic import chunk_size, gather, write_rows
-from .resnet import FlatResNet
-from .sources import PolicySource
+from .method import CURRICULUM, FINETUNE, Method, StepOutput, TrainStep, Where, register
+from .rewards import (advantage, bounded_probs, curriculum_loss, curriculum_mask, finetune_loss,
+                      reward)
+from .source import PolicySource, PolicySourceError
 
-AGENT_TYPE = "seq"
 MODES = ("masked", "grouped")
 # the eval-mode execution for batches of more than one image (chosen by measurement,
 # see docs/policies.md and ``python -m scripts.benchmark --parts seq``)
@@ -45,8 +51,6 @@ DEFAULT_BATCH_MODE = "grouped"
 class SeqAgent(nn.Module):
     """The gates of BlockDrop-seq: one ``Linear(C_in(i), 2)`` per residual block, where
     ``C_in(i)`` is the channel count of block i's input."""
-
-    agent_type = AGENT_TYPE
 
     def __init__(self, in_channels: Sequence[int]):
         super().__init__()
@@ -90,8 +94,6 @@ def block_in_channels(rnet: FlatResNet) -> list[int]:
 
 def build_seq_agent(spec) -> SeqAgent:
     """BlockDrop-seq gates for the base ResNet of ``spec`` (randomly initialised)."""
-    from models import build_resnet
-
     with torch.device("meta"):  # only the layout is read
         rnet = build_resnet(spec)
     return SeqAgent(block_in_channels(rnet))
@@ -106,12 +108,13 @@ class SeqOutput:
 
 def seq_pass(rnet: FlatResNet, agent: SeqAgent, x: torch.Tensor,
              noise: torch.Tensor | None = None, alpha: float = 0.8, keep_first: int = 0,
-             mode: str = "masked") -> SeqOutput:
+             mode: str = "masked", threshold: float | None = None) -> SeqOutput:
     """The interleaved pass: gate, then block or skip, block after block.
 
     ``noise`` (B, K) uniform samples: block t is kept where ``noise[:, t] < s'_t``;
-    None takes the greedy (argmax) decision. The first ``keep_first`` blocks are
-    kept whatever the gates say (curriculum learning, Alg. 1); their gates still run.
+    None takes the greedy (argmax) decision, or ``s_t >= threshold`` when one is given.
+    The first ``keep_first`` blocks are kept whatever the gates say (curriculum learning,
+    Alg. 1); their gates still run.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -125,6 +128,8 @@ def seq_pass(rnet: FlatResNet, agent: SeqAgent, x: torch.Tensor,
         s = F.softmax(logits.float(), dim=1)[:, 1]
         if t < keep_first:
             keep = torch.ones_like(s)
+        elif noise is None and threshold is not None:
+            keep = (s >= threshold).to(s.dtype)
         elif noise is None:
             keep = (logits[:, 1] > logits[:, 0]).to(s.dtype)
         else:
@@ -164,10 +169,12 @@ class SeqSource(PolicySource):
     name = "seq"
     one_shot = False
 
-    def __init__(self, agent: SeqAgent, batch_mode: str = DEFAULT_BATCH_MODE):
+    def __init__(self, agent: SeqAgent, batch_mode: str = DEFAULT_BATCH_MODE,
+                 threshold: float | None = None):
         self.agent = agent
         self.policy_flops = agent.flops
         self.batch_mode = batch_mode
+        self.threshold = threshold
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise TypeError("BlockDrop-seq decides while the ResNet runs; use run(rnet, x)")
@@ -180,7 +187,83 @@ class SeqSource(PolicySource):
         if dynamic:
             mode = "grouped" if x.shape[0] == 1 else self.batch_mode
         size = chunk_size(rnet, x)
-        outs = [seq_pass(rnet, self.agent, x[i:i + size], keep_first=keep_first, mode=mode)
+        outs = [seq_pass(rnet, self.agent, x[i:i + size], keep_first=keep_first, mode=mode,
+                         threshold=self.threshold)
                 for i in range(0, x.shape[0], size)] if x.shape[0] else \
-            [seq_pass(rnet, self.agent, x, keep_first=keep_first, mode=mode)]
+            [seq_pass(rnet, self.agent, x, keep_first=keep_first, mode=mode,
+                      threshold=self.threshold)]
         return torch.cat([o.logits for o in outs]), torch.cat([o.policy for o in outs])
+
+
+def seq_train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                   noise: torch.Tensor, *, alpha: float, penalty: float,
+                   beta: float | None = None, cl_step: int | None = None,
+                   mode: str = "masked", world_size: int = 1, amp: str = "none") -> StepOutput:
+    """A greedy pass without gradient (the self-critical baseline), then a pass whose
+    decisions are sampled block by block, both through ``net`` (a :class:`SeqNet`,
+    possibly DDP-wrapped). Eq. 3 rewards, Eq. 6 advantage; ``beta`` given: the
+    curriculum loss (the first ``K − cl_step`` blocks kept and masked out), else the
+    joint-finetuning loss."""
+    num_blocks = noise.shape[1]
+    keep_first = 0 if cl_step is None or cl_step >= num_blocks else num_blocks - cl_step
+    with autocast(amp, inputs.device):
+        with torch.no_grad():
+            greedy = net(inputs, None, alpha, keep_first, mode)
+        sampled = net(inputs, noise, alpha, keep_first, mode)
+    reward_greedy, _ = reward(greedy.logits.float(), targets, greedy.policy, penalty)
+    reward_sampled, match = reward(sampled.logits.float(), targets, sampled.policy, penalty)
+    adv = advantage(reward_sampled, reward_greedy)
+    bprobs = bounded_probs(sampled.probs.float(), alpha)
+    if beta is None:
+        loss = finetune_loss(bprobs, sampled.policy, adv, sampled.logits.float(), targets,
+                             sum_scale=world_size)
+    else:
+        mask = curriculum_mask(len(inputs), num_blocks, num_blocks - keep_first, inputs.device)
+        loss = curriculum_loss(bprobs, sampled.policy, adv, mask, beta)
+    return StepOutput(loss, match, sampled.policy, reward_sampled)
+
+
+class BlockDropSeq(Method):
+    """BlockDrop-seq (supplement, Table 2): gates decide block by block while the
+    ResNet runs."""
+
+    name = "seq"
+    summary = "BlockDrop-seq: per-block linear gates on the previous block's output"
+    threshold_help = "block t is kept iff its gate's keep probability >= T (default 0.5)"
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        return build_seq_agent(spec)
+
+    def train_step(self, stage: str, args: argparse.Namespace, rnet: FlatResNet,
+                   agent: nn.Module | None, where: Where) -> tuple[nn.Module, TrainStep]:
+        """Gates and ResNet as one module (one DDP forward); curriculum learning runs the
+        frozen ResNet grouped unless ``--masked``, finetuning masked in train mode."""
+        if stage not in (CURRICULUM, FINETUNE):
+            return super().train_step(stage, args, rnet, agent, where)
+        ddp_net = wrap(SeqNet(rnet, agent), where.device, where.info)
+        if stage == CURRICULUM:
+            mode = "masked" if args.masked else "grouped"
+
+            def step(inputs, targets, noise, cl_step):
+                return seq_train_step(ddp_net, inputs, targets, noise, alpha=args.alpha,
+                                      penalty=args.penalty, beta=args.beta, cl_step=cl_step,
+                                      mode=mode, amp=args.amp)
+            return ddp_net, step
+
+        def ft_step(inputs, targets, noise, cl_step):
+            return seq_train_step(ddp_net, inputs, targets, noise, alpha=args.alpha,
+                                  penalty=args.penalty, world_size=where.info.world_size,
+                                  amp=args.amp)
+        return ddp_net, ft_step
+
+    def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
+               seed: int = 0, threshold: float | None = None) -> PolicySource:
+        if not isinstance(agent, SeqAgent):
+            raise PolicySourceError("the seq source needs a BlockDrop-seq agent (a checkpoint "
+                                    "written with --agent seq)")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise PolicySourceError(f"--threshold for seq must lie in [0, 1], got {threshold}")
+        return SeqSource(agent, threshold=threshold)
+
+
+register(BlockDropSeq())
