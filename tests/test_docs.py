@@ -1,4 +1,4 @@
-"""The README is the front door (STYLE 13): short, its test command is what CI runs,
+"""The README is the front door: short, its test command is what CI runs,
 and every page it links exists."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""forward_dynamic and forward_policies agree with the masked forward (SPEC section 2)."""
+"""forward_dynamic and forward_policies agree with the masked forward (docs/models.md, the block-dropping rule)."""
 from __future__ import annotations
 
 import pytest
