@@ -1,4 +1,4 @@
-"""Every checkpoint layout of SPEC section 3 loads; bad files fail whole and clearly."""
+"""Every checkpoint layout of docs/checkpoints.md loads; bad files fail whole and clearly."""
 import argparse
 import datetime
 import os

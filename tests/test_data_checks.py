@@ -1,4 +1,4 @@
-"""Data is checked when it is loaded, before any epoch (issue 8): every bad file gives one
+"""Data is checked when it is loaded, before any epoch: every bad file gives one
 DataError line naming the file and what was expected; bytes-keyed CIFAR pickles load."""
 import os
 import pickle

@@ -1,4 +1,5 @@
-"""forward_dynamic and forward_policies agree with the masked forward (SPEC section 2)."""
+"""forward_dynamic and forward_policies agree with the masked forward (the block-dropping
+rule of docs/models.md)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""test.py prints what the authors' batch-size-1 loop printed (SPEC section 5)."""
+"""test.py prints what the authors' batch-size-1 loop printed (docs/evaluation.md)."""
 import os
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""FLOP convention of footnote 3 (SPEC section 5): pinned values and per-image sums."""
+"""FLOP convention of footnote 3 (docs/flops.md): pinned values and per-image sums."""
 import torch
 
 from models.flops import flop_table

@@ -6,7 +6,7 @@ Every test here is marked ``gpu`` and skipped where CUDA is not available
     python -m pytest -m gpu -v
 
 * every forward path of every registered model agrees with the masked one
-  (SPEC section 2), in float32 and under bfloat16 autocast;
+  (docs/models.md), in float32 and under bfloat16 autocast;
 * the engine's curriculum and finetuning steps run on CUDA (float32 and bf16);
 * ``test.py --device cuda`` prints the block that ``--device cpu`` prints;
 * curriculum learning and finetuning under torchrun with NCCL on two GPUs;

@@ -1,4 +1,4 @@
-"""No checkpoint with NaN or infinite tensors is written or used (issue 8, items 2 and 5-6).
+"""No checkpoint with NaN or infinite tensors is written or used (docs/reliability.md).
 
 A huge learning rate makes BatchNorm running variances overflow while the loss
 stays finite; the run must stop in one line with the last good files kept.

@@ -1,4 +1,4 @@
-"""The ImageNet policy starts from torchvision's resnet18 by default (issue 10 item 5):
+"""The ImageNet policy starts from torchvision's resnet18 by default (paper Sec. 4.1):
 from the torch hub cache, else a one-line stop naming --policy_init torchvision/PATH/random.
 Nothing is downloaded: a fake cache file is planted in a temporary TORCH_HOME."""
 import pytest

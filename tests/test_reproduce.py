@@ -1,4 +1,4 @@
-"""The reproduction scripts (issue 10): paper numbers as data, tables beside the paper,
+"""The reproduction scripts (docs/reproducing.md): paper numbers as data, tables beside the paper,
 released-checkpoint discovery, stage orchestration, and every script's --smoke run."""
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_stage_skip_interrupt_resume_force(tmp_path, tiny_data):
     assert os.path.basename(final).startswith("pk_E_1_")
     said = []
     assert run_stage(stage, say=said.append) == final and said[0].startswith("[skip]")
-    os.remove(final)  # now it looks interrupted: last.t7 without the final checkpoint
+    os.remove(final)  # so it looks interrupted: last.t7 without the final checkpoint
     with pytest.raises(StageError, match="interrupted.*--resume.*--force"):
         run_stage(stage, say=lambda m: None)
     run_stage(stage, force=True, say=said.append)

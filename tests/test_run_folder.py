@@ -1,5 +1,5 @@
-"""Run folders that cannot be mixed or stranded (issue 8): the lock, recovery after a kill,
-a full or read-only disk, and the small cases of a resumed or short run.
+"""Run folders that cannot be mixed or stranded (docs/reliability.md): the lock, recovery
+after a kill, a full or read-only disk, and the small cases of a resumed or short run.
 
 The lock, kill and disk-full cases run the scripts as real subprocesses."""
 import glob
