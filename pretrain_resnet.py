@@ -1,4 +1,4 @@
-"""Train the base ResNets that BlockDrop starts from (paper Sec. 4; SPEC sections 1-3).
+"""Train the base ResNets that BlockDrop starts from (paper Sec. 4).
 
 The authors took their base networks from ``img_classification_pk_pytorch``
 (CIFAR) and torchvision (ImageNet); this script trains equivalent ones:
@@ -13,6 +13,11 @@ It writes ``pk_E_<epochs>_A_<acc>.t7`` files (``{'state_dict': ...}``, the layou
 of the authors' base networks) to ``--cv_dir``, by default the folder of the
 model's default base checkpoint, ``cv/pretrained/<model>/``. Pass such a file
 to cl_training.py / finetune.py / test.py with ``--base_ckpt``.
+
+Besides the epoch lines (``E: %d | A: %.3f | L: %.4f``, ``TS - A: ...``) it prints, in
+the authors' words, ``loaded pretrained model from <file>`` for ``--init_torchvision``
+and ``# setting learning_rate to %.2E`` when the learning rate is set (the first epoch
+and each milestone).
 """
 from __future__ import annotations
 
@@ -22,11 +27,12 @@ from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from models import FlatResNet, ModelSpec, build_resnet, get_spec
 from utils.checkpoint import load_base_resnet
 from utils.config import add_model_arg, add_parallel_arg, add_run_args, make_parser
-from utils.dist import wrap
+from utils.dist import current_info, wrap
 from utils.engine import Stage, classifier_train_step, evaluate_classifier, multistep_lr
 from utils.launch import Context, Plan, Script, launch
 
@@ -91,7 +97,21 @@ def load_models(args: argparse.Namespace, spec: ModelSpec, resuming: bool) -> Fl
     rnet = build_resnet(spec)
     if args.init_torchvision and not resuming:
         load_base_resnet(rnet, args.init_torchvision)
+        if current_info().is_main:
+            print("loaded pretrained model from", args.init_torchvision)
     return rnet
+
+
+def lr_schedule(args: argparse.Namespace, is_main: bool):
+    """``epoch -> lr`` of the step schedule; on the main process it prints the authors' line
+    ``# setting learning_rate to %.2E`` at epoch 0 and at each milestone, where the
+    learning rate is set."""
+    def lr_for(epoch: int) -> float:
+        lr = multistep_lr(epoch, args.lr, args.lr_decay_ratio, args.milestones)
+        if is_main and (epoch == 0 or epoch in args.milestones):
+            tqdm.write("# setting learning_rate to %.2E" % lr)
+        return lr
+    return lr_for
 
 
 def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet,
@@ -113,7 +133,7 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec, rnet: FlatResNet,
         lambda epoch: lambda x, y, idx: classifier_train_step(model, x, y, amp=args.amp),
         lambda epoch: evaluate_classifier(rnet, test_loader, ctx.device,
                                           not args.no_progress and ctx.info.is_main),
-        lambda e: multistep_lr(e, args.lr, args.lr_decay_ratio, args.milestones),
+        lr_schedule(args, ctx.info.is_main),
         named_checkpoint)
     last = args.epochs - 1
     return Plan(stage, 0, args.epochs, lambda e: (e + 1) % args.test_every == 0 or e == last)

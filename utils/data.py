@@ -1,4 +1,4 @@
-"""Datasets and transforms of the paper's settings (SPEC sections 1 and 7), checked at load time.
+"""Datasets and transforms of the paper's settings, checked at load time.
 
 CIFAR-10/100 are read from the standard "python version" folders under
 ``data_dir`` (``cifar-10-batches-py/``, ``cifar-100-python/``). Any files in
@@ -10,8 +10,10 @@ ImageNet is read from ``data_dir/train/<class>/`` and ``data_dir/val/<class>/``.
 Everything that can be checked without decoding every image is checked when a
 split is loaded, before any epoch: pixel arrays (shape and type), one label
 per image, labels inside the model's classes, the number of ImageNet class
-folders, a non-empty split. A JPEG that cannot be decoded is reported when it
-is read, also from DataLoader workers. Every problem is a :class:`DataError`
+folders, that ``val/`` has the class folders of ``train/`` (where both exist),
+a non-empty split. ImageNet folders and files whose names start with '.' are
+ignored. A JPEG that cannot be decoded is reported when it is read, also from
+DataLoader workers. Every problem is a :class:`DataError`
 naming the file and what was expected.
 """
 from __future__ import annotations
@@ -260,25 +262,95 @@ def read_image(path: str) -> Image.Image:
         raise DataError(f"{path}: cannot read the image ({err})") from None
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def class_folders(folder: str) -> list[str]:
+    """The class folders of an ImageNet-style split, sorted as labels number them: every
+    sub-folder whose name does not start with '.' (``.ipynb_checkpoints``, ``.Trash-1000``
+    and the like are not classes)."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not _hidden(e.name))
+
+
+class ImageFolder(tvd.ImageFolder):
+    """torchvision's ImageFolder without hidden entries: hidden folders are not classes,
+    and hidden files (``._img.JPEG`` written by macOS) or files under hidden sub-folders
+    are not images."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = class_folders(directory)
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def __init__(self, root: str, transform: Callable, loader: Callable[[str], Any]):
+        def is_image(path: str) -> bool:
+            inside = os.path.relpath(path, root).split(os.sep)[1:]  # below the class folder
+            return (not any(_hidden(part) for part in inside)
+                    and tvd.folder.has_file_allowed_extension(path, tvd.folder.IMG_EXTENSIONS))
+        # class folders may be empty (a subset keeps every class's number)
+        super().__init__(root, transform, loader=loader, is_valid_file=is_image,
+                         allow_empty=True)
+
+
+def _split_folder(data_dir: str, train: bool) -> str:
+    return os.path.join(data_dir, "train" if train else "val")
+
+
 def _imagenet(spec: ModelSpec, data_dir: str, train: bool, download: bool) -> Dataset:
     if download:
         raise DataError("ImageNet cannot be downloaded automatically; see README")
-    folder = os.path.join(data_dir, "train" if train else "val")
+    folder = _split_folder(data_dir, train)
     if not os.path.isdir(folder):
         raise DataError(f"ImageNet {'training' if train else 'validation'} folder not found: "
                         f"expected {folder}/<class>/<image> (one sub-folder per class)")
-    try:  # class folders may be empty (a subset keeps every class's number)
-        dataset = tvd.ImageFolder(folder, get_transform(spec, train), loader=read_image,
-                                  allow_empty=True)
-    except (FileNotFoundError, RuntimeError) as err:
+    check_class_folders(data_dir)  # also when only val/ is read: it must match training
+    try:
+        dataset = ImageFolder(folder, get_transform(spec, train), loader=read_image)
+    except (OSError, RuntimeError) as err:
         raise DataError(f"{folder}: {err}") from None
     if len(dataset.classes) != spec.num_classes:
         raise DataError(f"{folder}: {len(dataset.classes)} class folders; expected "
                         f"{spec.num_classes}, the classes of {spec.name} (one sub-folder per "
-                        f"class, all present, so that labels keep their numbers)")
+                        f"class, all present, so that labels keep their numbers; folders "
+                        f"starting with '.' are not counted)")
     if len(dataset) == 0:
         raise DataError(f"{folder}: no images in its class folders; expected at least one")
     return dataset
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most
+                                      else "")
+
+
+def check_class_folders(data_dir: str) -> None:
+    """``val/`` must have the class folders of ``train/``: a class missing from one or
+    an extra one in the other would shift every later label. Raises DataError naming the
+    validation folder and the classes that differ."""
+    train, val = _split_folder(data_dir, True), _split_folder(data_dir, False)
+    if not (os.path.isdir(train) and os.path.isdir(val)):
+        return  # the split readers say which folder is missing
+    try:
+        ours, theirs = class_folders(train), class_folders(val)
+    except OSError as err:
+        raise DataError(f"{err.filename}: cannot list its class folders ({err.strerror})"
+                        ) from None
+    if ours == theirs:
+        return
+    missing = sorted(set(ours) - set(theirs))
+    extra = sorted(set(theirs) - set(ours))
+    parts = []
+    if missing:
+        parts.append(f"missing {_listed(missing)}")
+    if extra:
+        parts.append(f"not in {train}: {_listed(extra)}")
+    raise DataError(f"{val}: its class folders differ from those of {train} "
+                    f"({'; '.join(parts)}); "
+                    f"expected the same class folders in both, so that labels keep their "
+                    f"numbers")
 
 
 def _same_classes(train: Dataset, test: Dataset, data_dir: str) -> None:
@@ -286,10 +358,11 @@ def _same_classes(train: Dataset, test: Dataset, data_dir: str) -> None:
     their class folders separately)."""
     ours, theirs = getattr(train, "classes", None), getattr(test, "classes", None)
     if ours != theirs:
-        first = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+        missing = sorted(set(ours or []) - set(theirs or []))
+        extra = sorted(set(theirs or []) - set(ours or []))
         raise DataError(f"{data_dir}: the training and test splits name their classes "
-                        f"differently (class {first} is {ours[first]!r} in training, "
-                        f"{theirs[first]!r} in test); expected the same names")
+                        f"differently (only in training: {_listed(missing) or 'none'}; only "
+                        f"in test: {_listed(extra) or 'none'}); expected the same names")
 
 
 # spec.data.source -> reader(spec, data_dir, train, download)

@@ -1,4 +1,4 @@
-"""The run folder of a training script: paths, logs, checkpoint names, resume state (STYLE 6-7).
+"""The run folder of a training script: paths, logs, checkpoint names, resume state.
 
 ``<cv_dir>/`` holds
 
@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fnmatch
 import glob
 import json
 import os
 import re
 import shlex
+import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -280,24 +283,110 @@ def recovered_state(path: str) -> dict[str, Any]:
             "first_epoch": _first_epoch(folder, config), "recovered_from": path}
 
 
-def read_metrics(folder: str, on_bad_line: Callable[[int], None] = lambda n: None
+def _epoch_record(line: str) -> dict[str, Any] | None:
+    """The record of one ``metrics.jsonl`` line, or None unless it is a JSON object with an
+    integer ``epoch`` (not a bool; an integral float such as ``3.0`` reads as 3)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    epoch = record.get("epoch")
+    if isinstance(epoch, float) and epoch.is_integer():
+        record["epoch"] = epoch = int(epoch)
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        return None
+    return record
+
+
+def _read_metrics_lines(path: str) -> tuple[list[tuple[str, dict[str, Any]]], list[int]]:
+    """``([(line, record), ...], [numbers of the dropped lines])``; blank lines are neither."""
+    kept, dropped = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = _epoch_record(line)
+            if record is None:
+                dropped.append(number)
+            else:
+                kept.append((line if line.endswith("\n") else line + "\n", record))
+    return kept, dropped
+
+
+def _dropped_note(path: str, dropped: list[int]) -> str:
+    """``<file>: dropped N line(s) that are not epoch records ...: line(s) 3, 5``."""
+    shown = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
+    if len(dropped) == 1:
+        what = "1 line that is not an epoch record"
+    else:
+        what = f"{len(dropped)} lines that are not epoch records"
+    return (f"{path}: dropped {what} (a JSON object with an integer 'epoch'; a kill can "
+            f"cut the last line short): line{'s' if len(dropped) > 1 else ''} {shown}")
+
+
+def read_metrics(folder: str, on_dropped: Callable[[str], None] = lambda note: None
                  ) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` (none if it is missing); a line that is not JSON
-    (the half-written last line of a killed run) is skipped and reported."""
+    """The records of ``metrics.jsonl`` (none if it is missing). A line that is not a JSON
+    object with an integer ``epoch`` (the half-written last line of a killed run, a line
+    edited by hand) is skipped; ``on_dropped`` gets one note naming the file, how many
+    lines were skipped and which."""
     path = os.path.join(folder, METRICS)
     if not os.path.isfile(path):
         return []
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            try:
-                record = json.loads(line) if line.strip() else None
-            except ValueError:
-                on_bad_line(number)
-                continue
-            if isinstance(record, dict) and "epoch" in record:
-                records.append(record)
-    return records
+    kept, dropped = _read_metrics_lines(path)
+    if dropped:
+        on_dropped(_dropped_note(path, dropped))
+    return [record for _, record in kept]
+
+
+def _fault_point(path: str, f) -> None:
+    """Test hook: ``BLOCKDROP_TEST_FAULT=kill:<file name pattern>`` kills the process
+    (SIGKILL) halfway through rewriting a matching file, so that tests can check what a
+    kill leaves behind."""
+    action, _, pattern = os.environ.get("BLOCKDROP_TEST_FAULT", "").partition(":")
+    if action == "kill" and fnmatch.fnmatch(os.path.basename(path), pattern):
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def replace_text(path: str, lines: list[str]) -> None:
+    """Make ``path`` hold ``lines``, atomically: they are written to a temporary file in
+    the same folder, synced, and renamed over ``path``. A crash or kill at any point leaves
+    either the old file or the new one (and at worst a ``.tmp_`` file that the next run
+    removes); a failed write removes the temporary file and raises."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="_" + os.path.basename(path),
+                               dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            half = len(lines) // 2
+            f.writelines(lines[:half])
+            _fault_point(path, f)
+            f.writelines(lines[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where supported
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def blockdrop_name(epoch: int, stats: Mapping[str, Any]) -> str:
@@ -332,15 +421,19 @@ class RunLog:
         self.writer = SummaryWriter(os.path.join(folder, "log"), flush_secs=5)
 
     def _truncate(self, last_epoch: int) -> None:
-        """Keep the records up to ``last_epoch``: later ones (and a half-written line) come
-        from a run killed before it saved; a fresh run (-1) keeps none."""
+        """Keep the records up to ``last_epoch``: later ones come from a run killed before
+        it saved; a fresh run (-1) keeps none. Lines that are not epoch records (a line cut
+        short by a kill) are dropped with a note on stderr. The file is replaced atomically,
+        so a kill during the rewrite keeps the earlier records."""
         path = os.path.join(self.folder, METRICS)
         if not os.path.isfile(path):
             return
-        records = read_metrics(self.folder, lambda n: self.message(
-            f"{path}: line {n} is not JSON (cut short by a kill); dropped"))
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records if r["epoch"] <= last_epoch)
+        kept, dropped = _read_metrics_lines(path)
+        if dropped:
+            print(_dropped_note(path, dropped), file=sys.stderr)
+        lines = [line for line, record in kept if record["epoch"] <= last_epoch]
+        if dropped or len(lines) < len(kept) or not _ends_with_newline(path):
+            replace_text(path, lines)
 
     def message(self, text: str) -> None:
         if self.enabled:
