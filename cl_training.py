@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from models import FlatResNet, ModelSpec, build_resnet
 from models.fast import inference_copy
@@ -31,8 +31,9 @@ from utils.checkpoint import (CheckpointError, check_model_tag, load_blockdrop_c
                               load_default_base, read_checkpoint)
 from utils.config import (add_authors_args, add_fast_flags, add_method_args, add_run_args,
                           fast_options, make_parser, method_problems)
-from utils.engine import Stage, evaluate_policy, lr_at
-from utils.launch import Context, Plan, Script, launch, test_every
+from utils.engine import Stage, authors_lr_schedule, evaluate_policy
+from utils.optim import make_adam
+from utils.launch import Context, Plan, Script, is_rank0, launch, test_every
 from utils.run_folder import blockdrop_name
 from utils.seeding import keyed_uniform
 
@@ -81,6 +82,8 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
             k: v for k, v in ckpt.items() if k != "resnet"} if isinstance(ckpt, dict) else ckpt)
         if not loaded["agent"]:
             raise CheckpointError(f"{args.load} holds no policy network ('agent')")
+        if is_rank0():
+            print("loaded agent from", args.load)
         start_epoch = int(ckpt.get("epoch", -1)) + 1
     return rnet, agent, start_epoch
 
@@ -93,7 +96,7 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
     K = spec.num_blocks
     rnet.to(ctx.device).eval().requires_grad_(False)
     agent.to(ctx.device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, weight_decay=args.wd)
+    optimizer = make_adam(agent.parameters(), args.lr, args.wd, args.adam_legacy_eps)
     fast = fast_options(args)
     # the frozen ResNet's no-gradient passes run on an inference copy
     step_rnet = inference_copy(rnet, fast, ctx.device)
@@ -108,6 +111,8 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
 
     def step_for(epoch: int):
         cl = cl_step_at(args.cl_step, epoch, K)
+        if ctx.info.is_main:
+            tqdm.write("training the last %d blocks ..." % cl)  # the authors' line
 
         def step(inputs, targets, indices):
             return train_step(inputs, targets, keyed_uniform(args.seed, epoch, indices, K), cl)
@@ -125,13 +130,15 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
 
     stage = Stage(name=CURRICULUM, modules=method.trained_modules(CURRICULUM, rnet, agent),
                   optimizer=optimizer, train_modes=train_modes, step_for=step_for, test=test,
-                  lr_for=lambda e: lr_at(e, args.lr, args.lr_decay_ratio, args.epoch_step),
+                  lr_for=authors_lr_schedule(args.lr, args.lr_decay_ratio, args.epoch_step,
+                                             tqdm.write if ctx.info.is_main else None),
                   named_checkpoint=named_checkpoint,
                   extra_for=lambda e: {"cl_step": cl_step_at(args.cl_step, e, K)})
     return Plan(stage, start_epoch, args.max_epochs + 1, test_every(args.test_every))
 
 
-SCRIPT = Script(PROG, build_parser, load_models, build_stage, checks=method_problems)
+SCRIPT = Script(PROG, build_parser, load_models, build_stage, checks=method_problems,
+                kept_on_resume=("agent", "seed"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from models import FlatResNet, ModelSpec, build_resnet
 from policies.method import FINETUNE
@@ -29,10 +30,11 @@ from policies.registry import build_source, check_method, chosen_method
 from utils.checkpoint import (CheckpointError, check_model_tag, load_blockdrop_checkpoint,
                               load_default_base, load_state_strict, policy_state,
                               read_checkpoint, torchvision_to_flat)
-from utils.config import (add_authors_args, add_method_args, add_run_args, make_parser,
-                          method_problems)
-from utils.engine import Stage, evaluate_policy, lr_at
-from utils.launch import Context, Plan, Script, launch, test_every
+from utils.config import (add_authors_args, add_fast_flags, add_method_args, add_run_args,
+                          fast_options, make_parser, method_problems)
+from utils.engine import Stage, authors_lr_schedule, evaluate_policy
+from utils.optim import make_adam
+from utils.launch import Context, Plan, Script, is_rank0, launch, test_every
 from utils.run_folder import blockdrop_name
 from utils.seeding import keyed_uniform
 
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretrained policy checkpoint (from curriculum training)")
     add_run_args(p)
     add_method_args(p, fixed_policies=True)
+    add_fast_flags(p)
     return p
 
 
@@ -62,6 +65,8 @@ def load_pretrained_policy(agent: torch.nn.Module, path: str, name: str,
         raise CheckpointError(f"--pretrained {path} is not a policy checkpoint: no 'agent' "
                               f"(or 'net') entry")
     load_state_strict(agent, policy_state(state), path, "policy network")
+    if is_rank0():
+        print("loaded pretrained model from", path)  # the authors' line
 
 
 def load_resnet_only(args: argparse.Namespace, spec: ModelSpec,
@@ -102,6 +107,8 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
     loaded = load_blockdrop_checkpoint(args.load, rnet, agent, ckpt)
     if not loaded["agent"]:
         raise CheckpointError(f"{args.load} holds no policy network ('agent')")
+    if is_rank0():
+        print("loaded agent from", args.load)
     return rnet, agent, int(ckpt.get("epoch", -1)) + 1
 
 
@@ -121,7 +128,7 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
     trained, train_step = method.train_step(FINETUNE, args, rnet, agent, ctx)
     source = build_source(method.name, spec, agent=agent, k=args.k, seed=args.seed)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd)
+    optimizer = make_adam(params, args.lr, args.wd, args.adam_legacy_eps)
 
     def step_for(epoch: int):
         def step(inputs, targets, indices):
@@ -130,7 +137,8 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
 
     def test(epoch: int):
         return evaluate_policy(rnet, source, test_loader, ctx.device, args.penalty,
-                               progress=not args.no_progress and ctx.info.is_main)
+                               progress=not args.no_progress and ctx.info.is_main,
+                               fast=fast_options(args))
 
     def named_checkpoint(epoch: int, stats):
         return blockdrop_name(epoch, stats), {
@@ -141,12 +149,14 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
     # a fixed policy's stage keeps its own name in last.t7 (it holds the ResNet alone)
     stage = Stage(name=FINETUNE if method.learned else "finetune_fixed", modules=modules,
                   optimizer=optimizer, train_modes=trained.train, step_for=step_for, test=test,
-                  lr_for=lambda e: lr_at(e, args.lr, args.lr_decay_ratio, args.epoch_step),
+                  lr_for=authors_lr_schedule(args.lr, args.lr_decay_ratio, args.epoch_step,
+                                             tqdm.write if ctx.info.is_main else None),
                   named_checkpoint=named_checkpoint)
     return Plan(stage, start_epoch, args.max_epochs + 1, test_every(args.test_every))
 
 
-SCRIPT = Script(PROG, build_parser, load_models, build_stage, checks=method_problems)
+SCRIPT = Script(PROG, build_parser, load_models, build_stage, checks=method_problems,
+                kept_on_resume=("agent", "policy", "k", "seed", "stochastic_depth"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

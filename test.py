@@ -148,7 +148,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     loader = DataLoader(testset, batch_size=args.batch_size, shuffle=False,
                         num_workers=args.workers, pin_memory=device.type == "cuda")
     request = Request(args.load, args.base_ckpt, args.policy, args.k, args.seed)
-    setup = load_for_eval(spec, request, loader, device, log)
+    print("loading checkpoints")  # the authors' test.py, as are the "loaded ... from" lines
+    setup = load_for_eval(spec, request, loader, device, log, say=print)
     setup.rnet.to(device)
     setup.source.to(device)
     result = evaluate(setup.rnet, setup.source, loader, device, flops=flop_table(spec.name),

@@ -32,7 +32,7 @@ BASE=$(ls "$OUT"/pretrain/pk_E_6_A_*.t7)
 
 stage "3/6 curriculum learning: one more block for the policy each epoch (15 epochs, K=15)"
 "$PY" cl_training.py "${COMMON[@]}" --cv_dir "$OUT/cl" --base_ckpt "$BASE" --max_epochs 14 \
-  --batch_size 64 --lr 1e-3 --test_every 7 | grep -v "^training the last"
+  --batch_size 64 --lr 1e-3 --test_every 7
 CL=$(ls "$OUT"/cl/ckpt_E_14_*.t7)
 
 stage "4/6 joint finetuning of policy and ResNet (gamma = 5, 3 epochs)"

@@ -47,6 +47,12 @@ def pk_layout(rnet) -> dict:
     return out
 
 
+def printed_block(out: str) -> str:
+    """test.py's four-line block (docs/evaluation.md) from its standard output, after the
+    lines the authors' test.py printed first ("loading checkpoints", "loaded ... from")."""
+    return out[out.index("\n    Accuracy:"):]
+
+
 def error_line(main, argv, capsys) -> str:
     """Run a script's ``main``: it must fail with one line and no traceback; returns the line.
 

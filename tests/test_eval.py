@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import test as test_script
-from helpers import make_cifar, pk_layout, randomize_bn
+from helpers import make_cifar, pk_layout, printed_block, randomize_bn
 from legacy_writer import legacy_state_dict, save_pytorch03
 from models import get_model, get_spec
 from utils.data import get_dataset
@@ -79,7 +79,7 @@ def _reference_block(rnet, agent, dataset):
 
 def _run(capsys, argv):
     test_script.main(argv)
-    return capsys.readouterr().out
+    return printed_block(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("name", ["R32_C10", "R110_C10", "R32_C100", "R110_C100"])

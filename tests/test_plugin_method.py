@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import finetune
 import test as test_script
-from helpers import error_line
+from helpers import error_line, printed_block
 from models import build_resnet, get_spec
 from models.flops import flop_table
 from policies.method import FINETUNE, METHODS, Method, StepOutput, register
@@ -108,7 +108,10 @@ def test_a_method_defined_outside_the_package_trains_saves_and_evaluates(
     capsys.readouterr()
     test_script.main(["--model", "R32_C10", "--data_dir", tiny_data["data_dir"], "--load", path,
                       "--batch_size", "3", "--workers", "0", "--device", "cpu"])
-    printed = capsys.readouterr().out.strip()
+    out = capsys.readouterr().out
+    assert out.startswith(f"loading checkpoints\nloaded resnet from {os.path.basename(path)}\n"
+                          f"loaded agent from {os.path.basename(path)}\n")
+    printed = printed_block(out).strip()
 
     # the same numbers by hand, image by image, from the checkpoint's networks
     spec = get_spec("R32_C10")

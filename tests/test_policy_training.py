@@ -10,6 +10,7 @@ import finetune
 import test as test_script
 from models import build_resnet, get_spec
 from policies.seq import build_seq_agent
+from helpers import printed_block
 from test_seq import _reference_block
 from utils.checkpoint import read_checkpoint, resnet_state
 from utils.data import get_dataset
@@ -65,7 +66,7 @@ def test_seq_trains_saves_and_evaluates(seq_cl, tiny_data, tiny_args, tmp_path, 
     capsys.readouterr()
     test_script.main(["--model", "R32_C10", "--load", ft_path, "--data_dir",
                       tiny_data["data_dir"], "--workers", "0"])
-    assert capsys.readouterr().out == expected + "\n"
+    assert printed_block(capsys.readouterr().out) == expected + "\n"
 
 
 def test_agent_type_mismatches_are_one_line(seq_cl, tiny_data, tiny_args, tmp_path, capsys):

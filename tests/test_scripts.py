@@ -65,8 +65,10 @@ def test_cl_training_logs_the_authors_lines(tiny_data, tiny_args, tmp_path, caps
     cl_training.main(tiny_args(tmp_path / "run", "--base_ckpt", tiny_data["base"],
                                "--max_epochs", "0"))
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("E: 0 | A: ") and " | R: " in out[0] and " | #: " in out[0]
-    assert out[1].startswith("TS - A: ")
+    assert out[0] == "# setting learning_rate to 1.00E-03"
+    assert out[1] == "training the last 1 blocks ..."
+    assert out[2].startswith("E: 0 | A: ") and " | R: " in out[2] and " | #: " in out[2]
+    assert out[3].startswith("TS - A: ")
 
 
 def test_finetune_from_a_curriculum_checkpoint(tiny_data, tiny_args, cl_run, tmp_path):

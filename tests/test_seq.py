@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import test as test_script
-from helpers import make_cifar, randomize_bn
+from helpers import make_cifar, printed_block, randomize_bn
 from models import build_resnet, get_spec
 from models.flops import flop_table
 from policies.seq import SeqNet, SeqSource, build_seq_agent, seq_pass, seq_train_step
@@ -148,7 +148,7 @@ def test_checkpoint_round_trips_through_test_py(tmp_path, capsys):
     for extra in ([], ["--policy", "seq", "--batch_size", "1"], ["--masked"]):
         test_script.main(["--model", "R32_C10", "--load", ckpt, "--data_dir", data,
                           "--workers", "0", *extra])
-        assert capsys.readouterr().out == expected + "\n"
+        assert printed_block(capsys.readouterr().out) == expected + "\n"
     with pytest.raises(SystemExit) as exit_info:
         test_script.main(["--model", "R32_C10", "--load", ckpt, "--data_dir", data,
                           "--policy", "blockdrop", "--workers", "0"])

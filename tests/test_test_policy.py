@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import test as test_script
-from helpers import make_cifar, pk_layout, randomize_bn
+from helpers import make_cifar, pk_layout, printed_block, randomize_bn
 from legacy_writer import legacy_state_dict, save_pytorch03
 from models import get_model, get_spec
 from test_eval import _count_flops, _images, _trained_looking
@@ -37,7 +37,7 @@ def _fixed_reference(rnet, vector, dataset):
 
 def _main(capsys, argv):
     test_script.main(argv)
-    return capsys.readouterr().out
+    return printed_block(capsys.readouterr().out)
 
 
 @pytest.fixture

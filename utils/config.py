@@ -167,6 +167,9 @@ def add_authors_args(p: argparse.ArgumentParser, *, lr: float, epoch_step: int,
     p.add_argument("--penalty", type=float, default=penalty,
                    help="gamma: reward for incorrect predictions")
     p.add_argument("--alpha", type=float, default=0.8, help="probability bounding factor")
+    p.add_argument("--adam_legacy_eps", action="store_true",
+                   help="Adam as PyTorch 0.3 computed it (the authors' runs): eps added to "
+                        "sqrt(v) before bias correction (docs/training.md)")
 
 
 def add_parallel_arg(p: argparse.ArgumentParser) -> None:

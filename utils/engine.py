@@ -100,6 +100,19 @@ def lr_at(epoch: int, lr0: float, decay: float, epoch_step: int) -> float:
     return lr0 * decay ** (epoch // epoch_step)
 
 
+def authors_lr_schedule(lr0: float, decay: float, epoch_step: int,
+                        say: Callable[[str], None] | None) -> Callable[[int], float]:
+    """``epoch -> lr`` of :func:`lr_at`; ``say`` (the main process) gets the authors' line
+    ``# setting learning_rate to %.2E`` at every epoch that is a multiple of ``epoch_step``,
+    where their LrScheduler printed it."""
+    def lr_for(epoch: int) -> float:
+        lr = lr_at(epoch, lr0, decay, epoch_step)
+        if say is not None and epoch % epoch_step == 0:
+            say("# setting learning_rate to %.2E" % lr)
+        return lr
+    return lr_for
+
+
 def multistep_lr(epoch: int, lr0: float, decay: float, milestones: Sequence[int]) -> float:
     """``lr0 · decay^(number of milestones <= epoch)`` (base-network pretraining)."""
     return lr0 * decay ** sum(epoch >= m for m in milestones)

@@ -90,6 +90,8 @@ class Script:
     build_stage: Callable[[argparse.Namespace, ModelSpec, Any, DataLoader, Context], Plan]
     finalize: Callable[[argparse.Namespace], argparse.Namespace] = _unchanged  # derived defaults
     checks: Callable[[argparse.Namespace], list[str]] = _no_problems  # script-specific problems
+    # settings that make a run what it is: --resume refuses to change them (lr, batch size... may)
+    kept_on_resume: tuple[str, ...] = ("seed",)
 
 
 # ---------------------------------------------------------------------------
@@ -155,10 +157,20 @@ def configure(script: Script, parser: argparse.ArgumentParser, argv: Sequence[st
         if args.model != (state.get("model") or args.model):
             raise CheckpointError(f"{source} was written for model {state['model']}, "
                                   f"not {args.model}")
+        check_kept(script, args, state.get("config") or {}, args.cv_dir)
         validate(args, script.prog, script.checks)
     except (ConfigError, RunFolderError, CheckpointError, ValueError) as err:
         parser.error(str(err))
     return args, state
+
+
+def check_kept(script: Script, args: argparse.Namespace, saved: dict, folder: str) -> None:
+    """Refuse a resume that would change what the run is (its method, fixed policy, seed)."""
+    changed = [f"--{k} {saved[k]} (not {getattr(args, k, None)})" for k in script.kept_on_resume
+               if k in saved and getattr(args, k, None) != saved[k]]
+    if changed:
+        raise ConfigError(f"--resume continues the run in {folder} as it was started: "
+                          f"{', '.join(changed)}; start a new --cv_dir to change that")
 
 
 def start(args: argparse.Namespace) -> Context:

@@ -25,7 +25,7 @@ from policies.registry import (DEFAULT_METHOD, build_source, check_method, get_m
 from policies.source import PolicySource, PolicySourceError
 from utils.checkpoint import (CheckpointError, check_model_tag, load_blockdrop_checkpoint,
                               load_default_base, load_state_strict, read_checkpoint,
-                              torchvision_to_flat)
+                              resnet_state)
 from utils.stats import mean32
 
 
@@ -68,13 +68,25 @@ def choose_policy(args: Request, ckpt: Any) -> dict[str, Any]:
     return {"method": method, "k": args.k, "seed": 0 if args.seed is None else args.seed}
 
 
-def load_resnet(spec: ModelSpec, ckpt: Any, args: Request,
-                log: Callable[[str], None]) -> tuple[FlatResNet, str | None]:
-    """The ResNet of ``--load`` if it holds one, else the pretrained base network."""
+def holds_resnet(ckpt: Any) -> bool:
+    """A stage checkpoint with a ``resnet``, or a base-network file (pretraining's
+    ``pk_E_*``: ``state_dict``) without a deciding network."""
+    if not isinstance(ckpt, dict):
+        return False
+    if "resnet" in ckpt:
+        return True
+    return method_of(ckpt) is None and any(isinstance(ckpt.get(k), dict)
+                                           for k in ("state_dict", "model"))
+
+
+def load_resnet(spec: ModelSpec, ckpt: Any, args: Request, log: Callable[[str], None],
+                say: Callable[[str], None] = _quiet) -> tuple[FlatResNet, str | None]:
+    """The ResNet of ``--load`` if it holds one (a finetuned stage checkpoint or a
+    pretraining checkpoint), else the pretrained base network."""
     rnet = build_resnet(spec)
-    if isinstance(ckpt, dict) and "resnet" in ckpt:
-        load_state_strict(rnet, torchvision_to_flat(ckpt["resnet"]), args.load, "ResNet")
-        log(f"loaded resnet from {os.path.basename(args.load)}")
+    if holds_resnet(ckpt):
+        load_state_strict(rnet, resnet_state(ckpt), args.load, "ResNet")
+        say(f"loaded resnet from {os.path.basename(args.load)}")
         return rnet, None
     base = load_default_base(rnet, spec, args.base_ckpt, policy_only=ckpt is not None)
     log(f"loaded base resnet from {base}")
@@ -105,7 +117,7 @@ def auto_k(spec: ModelSpec, ckpt: Any, path: str | None, loader: DataLoader,
 
 
 def setup_fixed(spec: ModelSpec, ckpt: Any, choice: dict[str, Any], args: Request,
-                loader: DataLoader | None, device: torch.device, log) -> Setup:
+                loader: DataLoader | None, device: torch.device, log, say=_quiet) -> Setup:
     """A fixed policy on the ResNet of ``--load`` or the base network."""
     k = choice["k"]
     if k is None:
@@ -114,12 +126,13 @@ def setup_fixed(spec: ModelSpec, ckpt: Any, choice: dict[str, Any], args: Reques
     if k == "auto":
         k = auto_k(spec, ckpt, args.load, loader, device, log)
     check_k(k, spec.num_blocks, spec.name)
-    rnet, base = load_resnet(spec, ckpt, args, log)
+    rnet, base = load_resnet(spec, ckpt, args, log, say)
     source = choice["method"].source(spec, k=k, seed=choice["seed"])
     return Setup(rnet, source, base)
 
 
-def setup_learned(spec: ModelSpec, ckpt: Any, method: Method, args: Request, log) -> Setup:
+def setup_learned(spec: ModelSpec, ckpt: Any, method: Method, args: Request, log,
+                  say=_quiet) -> Setup:
     """The deciding network of ``--load`` (BlockDrop's policy network, BlockDrop-seq's
     gates, ...)."""
     fixed = ", ".join(method_names(learned=False))
@@ -129,30 +142,33 @@ def setup_learned(spec: ModelSpec, ckpt: Any, method: Method, args: Request, log
     if ckpt is not None:
         check_method(ckpt, args.load, method.name, flag="--policy")
         if method_of(ckpt, args.load) is None:
-            raise CheckpointError(f"{args.load} holds no agent; evaluate its ResNet with a "
-                                  f"fixed --policy ({fixed}) and --k")
+            raise CheckpointError(
+                f"{args.load} holds no agent; evaluate its ResNet under a fixed policy "
+                f"({fixed}), e.g. test.py --model {spec.name} --load {args.load} "
+                f"--policy firstk --k {spec.num_blocks}")
     agent = method.build(spec)
     if ckpt is None:
         if not hasattr(agent, "keep_all"):
             raise PolicySourceError(f"--policy {method.name} needs --load with a "
                                     f"{method.name} checkpoint")
         agent.keep_all()  # the authors' test.py without --load: every block, policy counted
-    rnet, base = load_resnet(spec, ckpt, args, log)
+    rnet, base = load_resnet(spec, ckpt, args, log, say)
     if ckpt is not None:
         load_blockdrop_checkpoint(args.load, None, agent,
                                   {k: v for k, v in ckpt.items() if k != "resnet"})
-        log(f"loaded agent from {os.path.basename(args.load)}")
+        say(f"loaded agent from {os.path.basename(args.load)}")
     return Setup(rnet, method.source(spec, agent), base)
 
 
 def load_for_eval(spec: ModelSpec, request: Request, loader: DataLoader | None = None,
-                  device: torch.device | str = "cpu",
-                  log: Callable[[str], None] = _quiet) -> Setup:
+                  device: torch.device | str = "cpu", log: Callable[[str], None] = _quiet,
+                  say: Callable[[str], None] = _quiet) -> Setup:
     """The ResNet and the policy source to evaluate ``request`` with (``loader`` and
-    ``device`` serve ``k="auto"`` only)."""
+    ``device`` serve ``k="auto"`` only). ``say`` gets the lines the authors' test.py
+    printed ("loaded resnet from ...", "loaded agent from ..."), ``log`` the others."""
     ckpt = read_checkpoint(request.load) if request.load else None
     check_model_tag(ckpt, request.load, spec.name)
     choice = choose_policy(request, ckpt)
     if choice["method"].learned:
-        return setup_learned(spec, ckpt, choice["method"], request, log)
-    return setup_fixed(spec, ckpt, choice, request, loader, torch.device(device), log)
+        return setup_learned(spec, ckpt, choice["method"], request, log, say)
+    return setup_fixed(spec, ckpt, choice, request, loader, torch.device(device), log, say)
