@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from utils.config import (add_device_args, add_fast_flags, add_model_arg, device
                           fast_options, make_parser)
 from utils.data import get_dataset
 from utils.engine import evaluate
+from utils.budget import BudgetChoice, BudgetError, held_out_split, threshold_for_budget
 from utils.launch import error_path
 from utils.networks import Request, Setup, load_for_eval
 from utils.stats import format_eval_block
@@ -72,6 +74,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the BlockDrop checkpoint in --load, rounded up)")
     p.add_argument("--seed", type=int, default=None,
                    help="which random draw randomk keeps (default 0, or the checkpoint's)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a learned method's keep threshold, moved from its default (what it "
+                        "means for each method: docs/methods.md)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="mean FLOPs per image to aim at: the threshold whose FLOPs on held-out "
+                        "training images come closest is chosen, then the test set evaluated")
+    p.add_argument("--budget_images", type=int, default=1000,
+                   help="training images held out to choose the --budget threshold")
+    p.add_argument("--budget_seed", type=int, default=0,
+                   help="which training images are held out for --budget")
     p.add_argument("--out", default=None,
                    help="also write the statistics to this JSON file (must not exist)")
     p.add_argument("--batch_size", type=int, default=256)
@@ -86,6 +98,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         p.error(f"--workers must be >= 0, got {args.workers}")
+    if args.threshold is not None and args.budget is not None:
+        p.error("--threshold and --budget both set the threshold; give one")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        p.error(f"--budget must be a positive number of FLOPs per image, got {args.budget}")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        p.error(f"--threshold must be a finite number, got {args.threshold}")
+    if args.budget_images < 1:
+        p.error(f"--budget_images must be at least 1, got {args.budget_images}")
     if args.out and os.path.exists(args.out):
         p.error(f"--out {args.out} exists; results are not overwritten (remove it or "
                 f"choose another file)")
@@ -147,16 +167,41 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     testset = get_dataset(spec, args.data_dir, train=False, download=args.download)
     loader = DataLoader(testset, batch_size=args.batch_size, shuffle=False,
                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    request = Request(args.load, args.base_ckpt, args.policy, args.k, args.seed)
+    request = Request(args.load, args.base_ckpt, args.policy, args.k, args.seed, args.threshold)
     print("loading checkpoints")  # the authors' test.py, as are the "loaded ... from" lines
     setup = load_for_eval(spec, request, loader, device, log, say=print)
     setup.rnet.to(device)
     setup.source.to(device)
-    result = evaluate(setup.rnet, setup.source, loader, device, flops=flop_table(spec.name),
+    chosen = choose_for_budget(args, spec, setup, device) if args.budget is not None else None
+    source = setup.at_threshold(spec, chosen.threshold) if chosen else setup.source
+    result = evaluate(setup.rnet, source, loader, device, flops=flop_table(spec.name),
                       dynamic=not args.masked, fast=fast_options(args))
     print(format_eval_block(result.stats, result.flops))
+    if chosen is not None:
+        print("    Threshold: %.4f (for --budget %.2E FLOPs/img)\n"
+              "    Held-out FLOPs/img: %.2E (%d training images, seed %d)"
+              % (chosen.threshold, args.budget, chosen.held_out_flops, chosen.images,
+                 chosen.seed))
     if args.out:
-        write_json(statistics(args, spec, setup, result, device), args.out)
+        stats = statistics(args, spec, setup, result, device)
+        stats["threshold"] = chosen.threshold if chosen else args.threshold
+        if chosen is not None:
+            stats.update(budget=args.budget, held_out_flops=chosen.held_out_flops,
+                         held_out_images=chosen.images, held_out_seed=chosen.seed)
+        write_json(stats, args.out)
+
+
+def choose_for_budget(args: argparse.Namespace, spec: ModelSpec, setup: Setup,
+                      device: torch.device) -> BudgetChoice:
+    """The threshold of the learned method in ``setup`` closest to ``--budget``."""
+    if setup.method is None or not setup.method.learned or not setup.method.threshold_help:
+        raise BudgetError("--budget chooses a learned method's keep threshold; the fixed "
+                          "policy evaluated here has none")
+    held = held_out_split(spec, args.data_dir, args.budget_images, args.budget_seed)
+    loader = DataLoader(held, batch_size=args.batch_size, num_workers=args.workers)
+    low, high = setup.method.threshold_range
+    return threshold_for_budget(setup.rnet, lambda t: setup.at_threshold(spec, t), spec, loader,
+                                device, args.budget, low, high, seed=args.budget_seed)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class Method:
     learned: bool = True  # decides with a network, saved as a checkpoint's 'agent'
     stages: tuple[str, ...] = (CURRICULUM, FINETUNE)  # the training stages that train it
     threshold_help: str = ""  # what test.py --threshold means for it ("" : not supported)
+    threshold_range: tuple[float, float] = (0.0, 1.0)  # the thresholds it accepts
     seeded: bool = False  # its decisions depend on --seed (a random draw)
     # a training regime chosen by its own flag (e.g. --stochastic_depth P) rather than by
     # --agent/--policy: the dest of that flag; the method is chosen when it is set

@@ -38,6 +38,7 @@ class Request:
     policy: str | None = None  # a registered method name; None: the checkpoint's
     k: int | str | None = None  # a fixed policy's K, or "auto"
     seed: int | None = None
+    threshold: float | None = None  # a learned method's keep threshold; None: its default
 
 
 def _quiet(msg: str) -> None:
@@ -51,6 +52,12 @@ class Setup:
     rnet: FlatResNet
     source: PolicySource
     base_ckpt: str | None  # the base ResNet file used, None when --load held the ResNet
+    method: Method | None = None  # the method that decides
+    agent: torch.nn.Module | None = None  # its deciding network, if any
+
+    def at_threshold(self, spec: ModelSpec, threshold: float) -> PolicySource:
+        """The same method and network with the keep threshold moved to ``threshold``."""
+        return self.method.source(spec, self.agent, threshold=threshold)
 
 
 def choose_policy(args: Request, ckpt: Any) -> dict[str, Any]:
@@ -128,7 +135,7 @@ def setup_fixed(spec: ModelSpec, ckpt: Any, choice: dict[str, Any], args: Reques
     check_k(k, spec.num_blocks, spec.name)
     rnet, base = load_resnet(spec, ckpt, args, log, say)
     source = choice["method"].source(spec, k=k, seed=choice["seed"])
-    return Setup(rnet, source, base)
+    return Setup(rnet, source, base, choice["method"])
 
 
 def setup_learned(spec: ModelSpec, ckpt: Any, method: Method, args: Request, log,
@@ -157,7 +164,7 @@ def setup_learned(spec: ModelSpec, ckpt: Any, method: Method, args: Request, log
         load_blockdrop_checkpoint(args.load, None, agent,
                                   {k: v for k, v in ckpt.items() if k != "resnet"})
         say(f"loaded agent from {os.path.basename(args.load)}")
-    return Setup(rnet, method.source(spec, agent), base)
+    return Setup(rnet, method.source(spec, agent, threshold=args.threshold), base, method, agent)
 
 
 def load_for_eval(spec: ModelSpec, request: Request, loader: DataLoader | None = None,
@@ -169,6 +176,9 @@ def load_for_eval(spec: ModelSpec, request: Request, loader: DataLoader | None =
     ckpt = read_checkpoint(request.load) if request.load else None
     check_model_tag(ckpt, request.load, spec.name)
     choice = choose_policy(request, ckpt)
+    if request.threshold is not None and not choice["method"].threshold_help:
+        raise PolicySourceError(f"--threshold applies to learned methods with a keep "
+                                f"threshold; {choice['method'].name} has none")
     if choice["method"].learned:
         return setup_learned(spec, ckpt, choice["method"], request, log, say)
     return setup_fixed(spec, ckpt, choice, request, loader, torch.device(device), log, say)
