@@ -1,4 +1,4 @@
-"""The policy network of BlockDrop (paper Sec. 3.2, SPEC section 2).
+"""The policy network of BlockDrop (paper Sec. 3.2; docs/models.md).
 
 A small ResNet (ResNet-8 on CIFAR, ResNet-10 on ImageNet) looks at the image
 once and outputs, for each of the K blocks of the base ResNet, the probability

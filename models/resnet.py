@@ -1,9 +1,9 @@
 """Flat residual networks whose blocks can be dropped per image (paper Sec. 3.1).
 
 The network keeps its residual blocks in ``blocks[stage][block]`` and the
-stage shortcuts in ``ds[stage]`` (the layout of the authors' checkpoints,
-SPEC section 3). Every forward path shares one block-dropping rule (SPEC
-section 2): for block ``b`` of stage ``s``
+block-stage shortcuts in ``ds[stage]`` (the layout of the authors' checkpoints,
+docs/checkpoints.md). Every forward path shares one block-dropping rule
+(docs/models.md): for block ``b`` of block stage ``s``
 
     residual = ds[s](x) if b == 0 else x
     kept:    x = relu(residual + F(x))
@@ -216,7 +216,7 @@ class FlatResNet(nn.Module):
             x = self.run_block(t, x, residual) * m + residual * (1 - m)
         return self.head(x)
 
-    # -- forward paths (SPEC section 7); execution in models.dynamic ----------
+    # -- forward paths (docs/interfaces.md); execution in models.dynamic -----
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
         """Masked execution (the authors' training path); ``policy=None`` runs the full
         network (every block kept)."""

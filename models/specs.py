@@ -1,4 +1,4 @@
-"""Registry of the model settings of BlockDrop (paper Sec. 4, SPEC sections 1-3).
+"""Registry of the model settings of BlockDrop (paper Sec. 4; docs/models.md).
 
 Each name ``R<depth>_<dataset>`` maps to a frozen :class:`ModelSpec` that
 describes everything that differs between settings, as data: the layout of the
@@ -95,16 +95,16 @@ class PolicySpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The dataset and its transforms (SPEC section 1).
+    """The dataset and its transforms (docs/models.md).
 
-    ``source``: a key of ``utils.data.SOURCES`` (``"cifar10"``, ``"cifar100"``,
-    ``"image_folder"``). Training: resize to ``resize`` (if set), random crop of
+    ``kind``: the dataset kind, a key of ``utils.data.READERS`` (``"cifar10"``,
+    ``"cifar100"``, ``"image_folder"``). Training: resize to ``resize`` (if set), random crop of
     ``image_size`` with ``crop_padding`` pixels of padding, horizontal flip.
     Test: resize and centre crop when ``resize`` is set, else the image as is.
     ``mean``/``std`` None: raw [0, 1] pixels.
     """
 
-    source: str
+    kind: str
     image_size: int
     resize: int | None = None
     crop_padding: int = 0

@@ -1,5 +1,5 @@
 """Where the ImageNet policy network starts from (paper Sec. 4: the ResNet-10 policy is
-initialised from torchvision's ImageNet ``resnet18``; SPEC section 2).
+initialised from torchvision's ImageNet ``resnet18``; docs/models.md).
 
 The authors' curriculum always started the R101 policy from those weights. Here a fresh
 curriculum run of a model whose policy has a torchvision counterpart

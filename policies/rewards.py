@@ -1,4 +1,4 @@
-"""The equations of BlockDrop's policy learning (paper Sec. 3.2-3.3, SPEC section 4).
+"""The equations of BlockDrop's policy learning (paper Sec. 3.2-3.3; docs/rewards.md).
 
 Each function is one equation, on a whole batch at once. ``probs`` are the
 policy's keep-probabilities s (B, K); a policy u is (B, K) of 0/1, u_k = 1

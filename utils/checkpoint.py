@@ -202,16 +202,16 @@ def _listing(keys: Iterable[str]) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
 
 
-def fitted_state(module: nn.Module, state: Mapping[str, Any], source: str,
+def fitted_state(module: nn.Module, state: Mapping[str, Any], origin: str,
                  what: str = "model") -> dict[str, Any]:
     """Check ``state`` against ``module`` and return the complete state to load.
 
     Missing ``num_batches_tracked`` buffers (PyTorch < 0.4 files) keep the
     module's own; any other missing, unexpected or mis-shaped entry raises
-    CheckpointError naming ``source`` and the keys.
+    CheckpointError naming ``origin`` (the file the state came from) and the keys.
     """
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
-        raise CheckpointError(f"{source}: the {what} entry is not a state dict")
+        raise CheckpointError(f"{origin}: the {what} entry is not a state dict")
     own = module.state_dict()
     missing = {k for k in own if k not in state and not k.endswith("num_batches_tracked")}
     unexpected = set(state) - set(own)
@@ -225,20 +225,20 @@ def fitted_state(module: nn.Module, state: Mapping[str, Any], source: str,
     if wrong:
         problems.append(f"shape mismatch: {_listing(wrong)}")
     if problems:
-        raise CheckpointError(f"{source} does not fit the {what}: " + "; ".join(problems))
+        raise CheckpointError(f"{origin} does not fit the {what}: " + "; ".join(problems))
     bad = first_non_finite(state)
     if bad is not None:
-        raise CheckpointError(f"{source}: the {what} holds non-finite values, first {bad}; "
+        raise CheckpointError(f"{origin}: the {what} holds non-finite values, first {bad}; "
                               f"the run that wrote it diverged")
     full = dict(own)
     full.update(state)
     return full
 
 
-def load_state_strict(module: nn.Module, state: Mapping[str, Any], source: str,
+def load_state_strict(module: nn.Module, state: Mapping[str, Any], origin: str,
                       what: str = "model") -> None:
     """Copy ``state`` into ``module`` if every key and shape fits, else copy nothing."""
-    module.load_state_dict(fitted_state(module, state, source, what), strict=True)
+    module.load_state_dict(fitted_state(module, state, origin, what), strict=True)
 
 
 def policy_state(state: Mapping[str, Any]) -> dict[str, Any]:

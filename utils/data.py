@@ -60,7 +60,7 @@ def _worker_message(text: str, cls: type) -> str:
 
 
 def get_transform(spec: ModelSpec, train: bool) -> Callable:
-    """SPEC section 1, from ``spec.data``: optional resize, then a random crop (with
+    """The transforms of ``spec.data`` (docs/models.md): optional resize, then a random crop (with
     padding) and flip for training or a centre crop for testing (none without a
     resize); normalisation only where the base network was trained with it."""
     data = spec.data
@@ -230,7 +230,7 @@ def _split_name(train: bool) -> str:
 
 
 def _cifar(spec: ModelSpec, data_dir: str, train: bool, download: bool) -> Dataset:
-    cls, stock, title = _CIFAR[spec.data.source]
+    cls, stock, title = _CIFAR[spec.data.kind]
     if download:
         stock(root=data_dir, train=train, download=True)
     folder = os.path.join(data_dir, cls.base_folder)
@@ -365,13 +365,13 @@ def _same_classes(train: Dataset, test: Dataset, data_dir: str) -> None:
                         f"in test: {_listed(extra) or 'none'}); expected the same names")
 
 
-# spec.data.source -> reader(spec, data_dir, train, download)
-SOURCES = {"cifar10": _cifar, "cifar100": _cifar, "image_folder": _imagenet}
+# spec.data.kind -> reader(spec, data_dir, train, download)
+READERS = {"cifar10": _cifar, "cifar100": _cifar, "image_folder": _imagenet}
 
 
 def get_dataset(spec: ModelSpec, data_dir: str, train: bool, download: bool = False) -> Dataset:
     """The training or test split of ``spec``'s dataset with its transforms, checked."""
-    return SOURCES[spec.data.source](spec, data_dir, train, download)
+    return READERS[spec.data.kind](spec, data_dir, train, download)
 
 
 def get_datasets(spec: ModelSpec, data_dir: str, download: bool = False) -> tuple[Dataset, Dataset]:

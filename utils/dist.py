@@ -1,4 +1,4 @@
-"""Data-parallel training across processes (STYLE convention 9).
+"""Data-parallel training across processes.
 
 Launch with ``torchrun --nproc_per_node=N script.py ...`` (``env://``): NCCL on
 GPUs, gloo on CPU. In a single process every helper here is a no-op, so the

@@ -233,19 +233,20 @@ class Loop:
     progress: bool = True
 
 
-def restore(stage: Stage, state: dict[str, Any], source: str) -> int:
-    """Load a ``last.t7`` into the stage's networks and optimizer; returns its epoch.
+def restore(stage: Stage, state: dict[str, Any], origin: str) -> int:
+    """Load a ``last.t7`` (read from ``origin``) into the stage's networks and optimizer;
+    returns its epoch.
 
     A state recovered from a stage checkpoint (``recovered_from``) has no
     optimizer state: the optimizer starts fresh.
     """
     if state.get("stage") != stage.name and "recovered_from" not in state:
-        raise CheckpointError(f"{source} was written by the {state.get('stage')!r} stage, "
+        raise CheckpointError(f"{origin} was written by the {state.get('stage')!r} stage, "
                               f"not {stage.name!r}")
     for key, module in stage.modules.items():
         if key not in state:
-            raise CheckpointError(f"{source} has no '{key}' entry")
-        load_state_strict(module, state[key], source, key)
+            raise CheckpointError(f"{origin} has no '{key}' entry")
+        load_state_strict(module, state[key], origin, key)
     if state.get("optimizer") is not None:
         stage.optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"])

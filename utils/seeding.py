@@ -1,4 +1,4 @@
-"""Seeds, deterministic mode and restorable random states (STYLE convention 8).
+"""Seeds, deterministic mode and restorable random states.
 
 A resumed run continues exactly where an uninterrupted run would be:
 

@@ -1,4 +1,4 @@
-"""The statistics that test.py and the training logs print (SPEC section 5).
+"""The statistics that test.py and the training logs print (docs/evaluation.md).
 
 The authors computed them with PyTorch 0.3 on float32 CUDA tensors: a mean is
 the float32 quotient of an exact sum, a standard deviation the float32 result
