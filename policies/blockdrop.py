@@ -163,6 +163,16 @@ class BlockDrop(Method):
                                        world_size=where.info.world_size, amp=args.amp)
         return nn.ModuleList([ddp_rnet, ddp_agent]), ft_step
 
+    @torch.no_grad()
+    def calibrate(self, agent: nn.Module, rnet: FlatResNet, images: torch.Tensor,
+                  keep_fraction: float, generator: torch.Generator) -> None:
+        """Shift the keep head's biases so that the greedy policy keeps each block for about
+        ``keep_fraction`` of ``images`` (a random policy network keeps about half)."""
+        probs, _ = agent(images)
+        logits = torch.logit(probs.double().clamp(1e-12, 1 - 1e-12))
+        cut = torch.quantile(logits, 1.0 - keep_fraction, dim=0)
+        agent.logit.bias.sub_(cut.to(agent.logit.bias))
+
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:
         if not isinstance(agent, PolicyNet):

@@ -256,6 +256,25 @@ class BlockDropSeq(Method):
                                   amp=args.amp)
         return ddp_net, ft_step
 
+    @torch.no_grad()
+    def calibrate(self, agent: nn.Module, rnet: FlatResNet, images: torch.Tensor,
+                  keep_fraction: float, generator: torch.Generator) -> None:
+        """Gate t becomes a random projection of its standardised input, with the bias set
+        so that it keeps block t for about ``keep_fraction`` of ``images`` (decisions then
+        vary from image to image)."""
+        h = rnet.stem(images)
+        for t, gate in enumerate(agent.gates):
+            pooled = h.mean((2, 3))
+            sd = pooled.std(0) + 1e-6
+            w = torch.randn(2, pooled.shape[1], generator=generator).to(pooled) / sd
+            margin = pooled @ (w[1] - w[0])
+            cut = torch.quantile(margin.double(), 1.0 - keep_fraction).to(margin)
+            gate.weight.copy_(w)
+            gate.bias.copy_(torch.stack([cut, torch.zeros_like(cut)]))
+            keep = (gate(pooled).argmax(1) == 1).to(h.dtype).view(-1, 1, 1, 1)
+            residual = rnet.residual(t, h)
+            h = rnet.run_block(t, h, residual) * keep + residual * (1 - keep)
+
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:
         if not isinstance(agent, SeqAgent):

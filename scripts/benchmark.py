@@ -47,7 +47,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from models import FlatResNet, PolicyNet, get_model, get_spec
-from policies.registry import build_source
+from policies.registry import build_source, get_method
 from policies.seq import MODES, SeqAgent, build_seq_agent, seq_pass
 from models.fast import OFF, FastOptions, inference_copy
 from policies.blockdrop import curriculum_train_step
@@ -79,11 +79,7 @@ def random_policies(batch: int, num_blocks: int, keep: int,
 def calibrate_agent(agent: PolicyNet, images: torch.Tensor, keep_fraction: float) -> None:
     """Set the bias of the policy's keep head so that its greedy policy keeps each block
     for about ``keep_fraction`` of ``images`` (a random policy net keeps ~half)."""
-    with torch.no_grad():
-        probs, _ = agent(images)
-        logits = torch.logit(probs.double().clamp(1e-12, 1 - 1e-12))
-        cut = torch.quantile(logits, 1.0 - keep_fraction, dim=0)
-        agent.logit.bias.sub_(cut.to(agent.logit.bias))
+    get_method("blockdrop").calibrate(agent, None, images, keep_fraction, None)
 
 
 def setup(name: str, device: torch.device, seed: int, fast: FastOptions = OFF):
@@ -366,19 +362,7 @@ def calibrate_seq_agent(rnet: FlatResNet, agent: SeqAgent, images: torch.Tensor,
     """Make BlockDrop-seq's gates look trained: gate t becomes a random projection of
     its standardised input, with the bias set so that it keeps block t for about
     ``keep_fraction`` of ``images`` (decisions then vary from image to image)."""
-    with torch.no_grad():
-        h = rnet.stem(images)
-        for t, gate in enumerate(agent.gates):
-            pooled = h.mean((2, 3))
-            sd = pooled.std(0) + 1e-6
-            w = torch.randn(2, pooled.shape[1], generator=generator).to(pooled) / sd
-            margin = pooled @ (w[1] - w[0])
-            cut = torch.quantile(margin.double(), 1.0 - keep_fraction).to(margin)
-            gate.weight.copy_(w)
-            gate.bias.copy_(torch.stack([cut, torch.zeros_like(cut)]))
-            keep = (gate(pooled).argmax(1) == 1).to(h.dtype).view(-1, 1, 1, 1)
-            residual = rnet.residual(t, h)
-            h = rnet.run_block(t, h, residual) * keep + residual * (1 - keep)
+    get_method("seq").calibrate(agent, rnet, images, keep_fraction, generator)
 
 
 def bench_seq(name: str, batch: int, keep: int, repeats: int, warmup: int,
