@@ -36,7 +36,6 @@ import contextlib
 import datetime
 import json
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +53,7 @@ from utils.engine import curriculum_train_step, evaluate
 from utils.flops import flop_counter, flop_table
 from utils.rewards import greedy_policy
 from utils.stats import format_eval_block, policy_stats
+from utils.timing import Clock, time_interleaved
 
 # blocks kept per image by the paper's models: R110 gamma=10 (16.9 of 54),
 # R32 gamma=5 (6.9 of 15, Table 3), R101 gamma=5 (24.8 of 33, Table 4)
@@ -99,48 +99,6 @@ def setup(name: str, device: torch.device, seed: int, fast: FastOptions = OFF):
 
 
 # -- timing ------------------------------------------------------------------
-class Clock:
-    """Seconds taken by a call: perf_counter on CPU, CUDA events on a GPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1000.0
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     clock: Clock, min_time: float = 0.0) -> dict[str, float]:
-    """Median seconds per call of each function, the calls interleaved (the order
-    rotates every round so that none always follows the same neighbour). A timed
-    sample repeats a call that took less than ``min_time`` in warm-up enough times
-    to last about ``min_time``, so that short calls are not timed one by one."""
-    names = list(fns)
-    inner = {name: 1 for name in names}
-    for w in range(warmup):
-        for name in names:
-            took = clock(fns[name])
-            if w == warmup - 1 and took < min_time:
-                inner[name] = max(1, round(min_time / max(took, 1e-6)))
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn, n = fns[name], inner[name]
-            times[name].append(clock(lambda fn=fn, n=n: [fn() for _ in range(n)]) / n)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA when asked (UNMEASURED: written without a GPU)."""
     if bf16 and device.type == "cuda":

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from scripts.repro import commands
 from utils.errors import UserError
 
 PROG = "reproduce"
@@ -31,8 +32,8 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoke", action="store_true",
                    help="end-to-end check on generated data with one-epoch schedules")
     g.add_argument("--force", action="store_true",
-                   help="rerun finished stages and evaluations; replace another command's --out")
-    g.add_argument("--resume", action="store_true", help="continue interrupted training stages")
+                   help="rerun finished steps and evaluations; replace another command's --out")
+    g.add_argument("--resume", action="store_true", help="continue interrupted training steps")
     g.add_argument("--workers", type=int, default=None,
                    help="data-loading workers (default 4; 0 in smoke runs)")
     g.add_argument("--batch_size", type=int, default=256, help="test.py's batch size")
@@ -55,8 +56,6 @@ def timing_parser() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scripts.repro import commands
-
     p = argparse.ArgumentParser(prog=f"python -m scripts.{PROG}", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="name", required=True)
@@ -79,8 +78,6 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from scripts.repro import commands
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

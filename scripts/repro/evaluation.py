@@ -1,11 +1,11 @@
 """Evaluation for the reproduction tables: test.py's numbers and measured speed-ups
-(paper Sec. 4, Tables 2-4; SPEC section 5).
+(paper Sec. 4, Tables 2-4; docs/reproducing.md).
 
 :func:`run_test` calls ``test.py --out`` itself, so every number in a table is the number
 test.py prints for the same checkpoint and data. Its JSON is kept beside the table with the
 command that made it; a later run reuses it while the command and the checkpoint file are
 unchanged. :func:`measure_speedup` times the full ResNet against dynamic execution under the
-checkpoint's greedy policy with the benchmark's clock (CUDA events on a GPU).
+checkpoint's greedy policy with the clock of ``utils.timing`` (CUDA events on a GPU).
 """
 from __future__ import annotations
 
@@ -17,13 +17,18 @@ from typing import Any
 
 import torch
 
-from scripts.repro.stages import StageError, call_script, failure
+from models import get_spec
+from models.sources import build_source
+from scripts.repro.steps import StepError, call_script, failure
+from utils.checkpoint import load_for_eval
+from utils.data import get_dataset
+from utils.timing import Clock, time_interleaved
 
 
 @dataclass(frozen=True)
 class EvalRequest:
     """What test.py evaluates: a model, a checkpoint (None: the base ResNet, every block
-    kept) and, from helper C's test.py, an optional fixed policy source."""
+    kept) and an optional fixed policy source (test.py --policy)."""
 
     model: str
     load: str | None
@@ -76,7 +81,7 @@ def run_test(request: EvalRequest, json_path: str, log: str, force: bool = False
     if error is None and not os.path.isfile(json_path):
         error = f"test.py wrote no {json_path}"
     if error is not None:
-        raise StageError(failure(f"evaluation of {request.load or request.model}", error, log,
+        raise StepError(failure(f"evaluation of {request.load or request.model}", error, log,
                                  shlex.join(["python", "test.py", *argv])))
     with open(meta_path, "w") as f:
         json.dump(meta, f)
@@ -93,12 +98,6 @@ def measure_speedup(request: EvalRequest, batch_size: int, images: int, repeats:
     """Milliseconds per image of the full ResNet and of BlockDrop (policy network, greedy
     policy, dynamic execution: ``PolicySource.run``) on the first ``images`` test images in
     batches of ``batch_size``; ``speedup`` = 1 − BlockDrop time / full time, in percent."""
-    from models import get_spec
-    from models.sources import build_source
-    from scripts.benchmark import Clock, time_interleaved
-    from utils.checkpoint import load_for_eval
-    from utils.data import get_dataset
-
     spec = get_spec(request.model)
     device = torch.device(request.device)
     rnet, agent = load_for_eval(spec, request.load, request.base_ckpt, log=lambda _m: None)

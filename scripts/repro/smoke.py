@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
+
+from scripts.demo_data import generate, write_demo_dataset
 
 SMOKE_TRAIN, SMOKE_TEST = 32, 20  # CIFAR-format images
 SMOKE_IMAGENET = (4, 2)  # ImageNet-style images: training and validation, in all (R101 is slow)
@@ -12,8 +15,6 @@ SMOKE_IMAGENET = (4, 2)  # ImageNet-style images: training and validation, in al
 
 def cifar_data(root: str, seed: int = 0) -> str:
     """A CIFAR-10-format folder of the demo's shapes under ``root`` (kept if present)."""
-    from scripts.demo_data import write_demo_dataset
-
     if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
         write_demo_dataset(root, SMOKE_TRAIN, SMOKE_TEST, seed=seed)
     return root
@@ -23,10 +24,6 @@ def imagenet_data(root: str, seed: int = 0, classes: int = 1000, used: int = 5) 
     """The demo's shapes as PNG files in ``root/train/<class>/`` and ``root/val/<class>/``:
     every one of the ``classes`` folders exists (labels keep their numbers), the images
     sit in the first ``used``."""
-    from PIL import Image
-
-    from scripts.demo_data import generate
-
     rng = np.random.default_rng(seed)
     for split, n in zip(("train", "val"), SMOKE_IMAGENET, strict=True):
         if os.path.isdir(os.path.join(root, split)):

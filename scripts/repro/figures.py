@@ -16,18 +16,18 @@ from torch.utils.data import DataLoader
 
 from models import get_spec
 from scripts.repro import pipeline
-from scripts.repro.commands import Context, preamble, prepare
+from scripts.repro.context import ReproContext, preamble, prepare
 from scripts.repro.gamma import depth
 from scripts.repro.released import gamma_text
 from scripts.repro.tables import NotFoundError, identify
 from utils.checkpoint import load_for_eval
 from utils.data import get_dataset
 from utils.engine import EvalResult, evaluate
-from utils.figures import (accuracy_by_blocks, dominant_policies, fewest_most_blocks,
+from scripts.repro.plots import (accuracy_by_blocks, dominant_policies, fewest_most_blocks,
                            keep_rates, pick_classes, save, usage_histogram)
 from utils.flops import flop_table
-from utils.paper import paper_row
-from utils.report import Label, Metric, Table, write_table
+from scripts.repro.paper import paper_row
+from scripts.repro.report import Label, Metric, Table, write_table
 
 SUMMARY = (Label("network", "network"), Label("gamma", "γ"),
            Metric("accuracy", "accuracy (%)", ".2f"), Metric("usage", "blocks", ".2f", std=True),
@@ -96,7 +96,7 @@ def run_figures(args: argparse.Namespace, argv: Sequence[str]) -> None:
     draw(ctx, item.model, item.gamma, item.checkpoint, base)
 
 
-def draw(ctx: Context, model: str, gamma, checkpoint: str, base) -> None:
+def draw(ctx: ReproContext, model: str, gamma, checkpoint: str, base) -> None:
     spec = get_spec(model)
     args = ctx.args
     rnet, agent = load_for_eval(spec, checkpoint, base, log=lambda _m: None)
