@@ -10,13 +10,16 @@ beside ours (``configs/paper_results.yaml``). See docs/reproducing.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import torch
 
+from models import get_spec
+from scripts.cli import OneLineParser, count_problem, folder_problem, guarded, number_problem
 from scripts.repro import commands
-from utils.errors import UserError
+from utils.config import device_problems
 
 PROG = "reproduce"
 DATASETS = {"c10": "C10", "c100": "C100"}
@@ -56,7 +59,7 @@ def timing_parser() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m scripts.{PROG}", description=__doc__.split(
+    p = OneLineParser(prog=f"python -m scripts.{PROG}", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="name", required=True)
     parents = [common_parser(), timing_parser()]
@@ -66,15 +69,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _gammas(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """``(flag, γ)`` of every γ given: table1's --gamma, the γ tables' --gammas."""
+    values = [("--gammas", g) for g in getattr(args, "gammas", None) or []]
+    if getattr(args, "gamma", None) is not None:
+        values.append(("--gamma", args.gamma))
+    return values
+
+
+def _models(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "models", None) or []) + (
+        [args.model] if getattr(args, "model", None) else [])
+
+
+def problems(args: argparse.Namespace) -> list[str]:
+    """Every problem of the flags that can be seen before any work starts."""
+    found = [count_problem(f"--{flag}", getattr(args, flag, None))
+             for flag in ("batch_size", "time_batch", "time_images", "repeats", "num_classes",
+                          "top", "per_policy", "per_side")]
+    found.append(count_problem("--workers", args.workers, 0, 256))
+    found += [number_problem(flag, g, 0.0) for flag, g in _gammas(args)]
+    found += [count_problem("--seeds", s, 0, 2**32 - 1) for s in getattr(args, "seeds", None)
+              or []]
+    found += [count_problem("--classes", c, 0) for c in getattr(args, "classes", None) or []]
+    found += device_problems(args.device)
+    for model in _models(args):
+        try:
+            get_spec(model)
+        except ValueError as err:
+            found.append(str(err))
+    found += commands.problems(args)
+    found.append(folder_problem("--out", args.out or os.path.join("results", args.name)))
+    if args.cv_root:
+        found.append(folder_problem("--cv_root", args.cv_root))
+    for flag in ("base_ckpt", "load"):
+        path = getattr(args, flag, None)
+        if path and not os.path.isfile(path):
+            found.append(f"--{flag} {path}: no such file")
+    return [p for p in found if p]
+
+
 def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag in ("batch_size", "time_batch", "time_images", "repeats"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.workers is not None and args.workers < 0:
-        p.error(f"--workers must be >= 0, got {args.workers}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device is available")
+    """Exit with one line (status 2) naming every problem of the flags."""
+    found = problems(args)
+    if found:
+        p.exit(2, f"{p.prog} {args.name}: error: {'; '.join(found)}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,12 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check(parser, args)
-    try:
-        commands.run(args, argv[1:])
-    except UserError as err:
-        print(f"{args.name}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return guarded(args.name, lambda: commands.run(args, argv[1:]))
 
 
 if __name__ == "__main__":

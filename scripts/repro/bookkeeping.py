@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from typing import Any
 from collections.abc import Callable
 
@@ -79,3 +80,16 @@ def read_json(path: str, recover: str, valid: Callable[[Any], bool] = lambda dat
     if not _fits(data, valid):
         raise BookkeepingError(f"{path} does not hold what this tool writes there; {recover}")
     return data
+
+
+def move_aside(folder: str) -> str:
+    """Rename ``folder`` to ``<folder>.replaced-<UTC time>`` (``-2``, ``-3``... when that
+    name is taken); returns the new name. Nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = f"{os.path.normpath(os.path.abspath(folder))}.replaced-{stamp}"
+    target, n = base, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{base}-{n}"
+    os.replace(folder, target)
+    return target

@@ -123,5 +123,12 @@ COMMANDS: dict[str, Any] = {
 }
 
 
+def problems(args: argparse.Namespace) -> list[str]:
+    """The command's own flag problems (those :mod:`scripts.reproduce` cannot know)."""
+    if args.name == "table2":
+        return table2.keep_problems(args.keep or [])
+    return []
+
+
 def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     COMMANDS[args.name][2](args, argv)

@@ -3,7 +3,6 @@ the data (generated in smoke runs), the evaluation settings and the Markdown pre
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from collections.abc import Callable, Sequence
@@ -67,7 +66,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str], models: Sequence[str]
     """Claim --out, pick the data (generated in smoke runs) and the evaluation settings."""
     out = args.out or os.path.join("results", args.name)
     identity = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
-    outdir.claim(out, args.name, identity, argv, args.force)
+    outdir.claim(out, args.name, identity, argv, args.force, say)
     kind = dataset_of(models) if models else "cifar10"
     if args.smoke:
         torch.set_num_threads(1)  # tiny batches: one thread is faster than two on a busy CPU
@@ -93,8 +92,7 @@ def preamble(ctx: ReproContext, table: str) -> list[str]:
     caption = table_meta(table).get("caption") if table else None
     if caption:
         lines.append(f"Paper: {caption}.")
-    with open(os.path.join(ctx.out, outdir.COMMAND_FILE), encoding="utf-8") as f:
-        lines.append(f"Command: `{json.load(f)['command']}`")
+    lines.append(f"Command: `{outdir.read_record(ctx.out)['command']}`")
     if ctx.args.smoke:
         lines.append("**Smoke run** on generated data with one-epoch schedules: the numbers "
                      "are not comparable with the paper's.")

@@ -24,7 +24,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
+from scripts.repro.bookkeeping import move_aside
 from utils.config import load_yaml
 from utils.errors import UserError
 
@@ -131,13 +131,6 @@ def make_step(name: str, script: str, config: str, overrides: dict[str, Any], lo
     return Step(name, script, argv, values["cv_dir"], final, log, values)
 
 
-def _move_aside(folder: str) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    target = f"{folder.rstrip(os.sep)}.replaced-{stamp}"
-    os.replace(folder, target)
-    return target
-
-
 def exit_text(code: int) -> str:
     """``killed by signal SIGKILL`` for a process ended by a signal, else the exit status.
     A status of 128 + n is how a script that caught signal n (SIGTERM, Ctrl-C) exits."""
@@ -222,7 +215,7 @@ def run_step(step: Step, *, resume: bool = False, force: bool = False,
         return done
     extra: list[str] = []
     if force and os.path.isdir(step.folder):
-        say(f"[force] {step.name}: moved the old run to {_move_aside(step.folder)}")
+        say(f"[force] {step.name}: moved the old run to {move_aside(step.folder)}")
     elif interrupted(step):
         if not resume:
             raise StepError(

@@ -11,23 +11,48 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 from typing import Any
 from collections.abc import Sequence
 
 import torch
 
+from models import get_spec
 from scripts.repro.bookkeeping import read_json, write_json
 from scripts.repro.context import ReproContext, model_list, preamble, prepare
 from scripts.repro.plots import ours_vs_paper_bars, save
 from scripts.repro.paper import paper_row, table_meta
 from scripts.repro.report import Label, Metric, Table, write_table
-from scripts.repro.steps import StepError, failure, run_python
+from scripts.repro.steps import ROOT, StepError, failure, run_python
 
 METHODS = (("full", "Full ResNet"), ("blockdrop", "BlockDrop (single-step)"),
            ("seq", "BlockDrop-seq"))
 COLUMNS = (Label("model", "model"), Label("batch", "batch"), Label("method", "method"),
            Metric("blocks", "blocks used", ".1f", paper=False),
            Metric("ms", "time (ms/img)", ".3f"), Metric("speedup", "speed-up (%)", ".1f"))
+
+
+def parse_keep(items: Sequence[str]) -> dict[str, int]:
+    """``--keep MODEL=N ...`` as ``{model: N}`` (checked first by :func:`keep_problems`)."""
+    return {name: int(value) for name, _, value in (item.partition("=") for item in items)}
+
+
+def keep_problems(items: Sequence[str]) -> list[str]:
+    """Why ``--keep`` values are not ``MODEL=N`` with N in [1, K of the model]."""
+    found = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.isdigit():
+            found.append(f"--keep expects MODEL=N, got {item!r}")
+            continue
+        try:
+            blocks = get_spec(name).num_blocks
+        except ValueError as err:
+            found.append(f"--keep: {err}")
+            continue
+        if not 1 <= int(value) <= blocks:
+            found.append(f"--keep {name}: N must be in [1, {blocks}] (K of {name}), got {value}")
+    return found
 
 
 def default_keep(model: str) -> int:
@@ -50,7 +75,8 @@ def timings(ctx: ReproContext, model: str, batches: Sequence[int], keep: int
     error = run_python(argv, log)
     if error is not None:
         raise StepError(failure(f"timing of {model}", error, log,
-                                shlex.join(["python", *argv])))
+                                f"PYTHONPATH={shlex.quote(ROOT)} "
+                                + shlex.join([sys.executable, *argv])))
     return read_json(json_path, "rerun the command", lambda d: isinstance(d["seq"], list))["seq"]
 
 
@@ -82,8 +108,7 @@ def run_table2(args: argparse.Namespace, argv: Sequence[str]) -> None:
     table = Table(f"Table 2: time per image, {args.device}", COLUMNS)
     raw = []
     for model in models:
-        keep = dict(k.split("=") for k in args.keep).get(model) if args.keep else None
-        keep = int(keep) if keep else default_keep(model)
+        keep = parse_keep(args.keep or []).get(model) or default_keep(model)
         ctx.say(f"[time] {model} batch {', '.join(map(str, batches))}, {keep} blocks kept")
         for result in timings(ctx, model, batches, keep):
             raw.append(result)
