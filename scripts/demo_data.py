@@ -22,10 +22,14 @@ import sys
 import tempfile
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-from models import MODEL_SPECS
+from models import MODEL_SPECS, get_spec
 from scripts.cli import OneLineParser, count_problem, folder_problem, guarded
-from utils.data import CIFAR10Files, write_cifar_folder
+from utils.checkpoint import load_for_eval
+from utils.data import CIFAR10Files, get_dataset, write_cifar_folder
+from utils.engine import evaluate
 
 SIZE = 32
 MAX_IMAGES = 1_000_000  # 3 GB of images in memory
@@ -155,14 +159,6 @@ def read_difficulty(root: str, train: bool = False) -> np.ndarray:
 def compare_difficulty(model: str, load: str, data_dir: str, base_ckpt: str = None,
                        batch_size: int = 256) -> str:
     """Block usage and accuracy of easy vs hard test images under the greedy policy."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from models import get_spec
-    from utils.checkpoint import load_for_eval
-    from utils.data import get_dataset
-    from utils.engine import evaluate
-
     spec = get_spec(model)
     rnet, agent = load_for_eval(spec, load, base_ckpt, log=lambda _msg: None)
     testset = get_dataset(spec, data_dir, train=False)

@@ -60,11 +60,12 @@ def timing_parser() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=f"python -m scripts.{PROG}", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = p.add_subparsers(dest="name", required=True)
     parents = [common_parser(), timing_parser()]
     for name, (help_text, add_args, _run) in commands.COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text, parents=parents)
+        sp = sub.add_parser(name, help=help_text, description=help_text, parents=parents,
+                            allow_abbrev=False)
         add_args(sp)
     return p
 
@@ -82,8 +83,8 @@ def _models(args: argparse.Namespace) -> list[str]:
         [args.model] if getattr(args, "model", None) else [])
 
 
-def problems(args: argparse.Namespace) -> list[str]:
-    """Every problem of the flags that can be seen before any work starts."""
+def _value_problems(args: argparse.Namespace) -> list[str | None]:
+    """Counts, γ values, seeds and class indices out of their ranges."""
     found = [count_problem(f"--{flag}", getattr(args, flag, None))
              for flag in ("batch_size", "time_batch", "time_images", "repeats", "num_classes",
                           "top", "per_policy", "per_side")]
@@ -92,20 +93,35 @@ def problems(args: argparse.Namespace) -> list[str]:
     found += [count_problem("--seeds", s, 0, 2**32 - 1) for s in getattr(args, "seeds", None)
               or []]
     found += [count_problem("--classes", c, 0) for c in getattr(args, "classes", None) or []]
-    found += device_problems(args.device)
+    return found
+
+
+def _name_problems(args: argparse.Namespace) -> list[str | None]:
+    """Devices this torch build cannot use, unknown models, the command's own values."""
+    found: list[str | None] = list(device_problems(args.device))
     for model in _models(args):
         try:
             get_spec(model)
         except ValueError as err:
             found.append(str(err))
-    found += commands.problems(args)
-    found.append(folder_problem("--out", args.out or os.path.join("results", args.name)))
+    return found + commands.problems(args)
+
+
+def _path_problems(args: argparse.Namespace) -> list[str | None]:
+    """Folders this process must write into, files it must read."""
+    found = [folder_problem("--out", args.out or os.path.join("results", args.name))]
     if args.cv_root:
         found.append(folder_problem("--cv_root", args.cv_root))
     for flag in ("base_ckpt", "load"):
         path = getattr(args, flag, None)
         if path and not os.path.isfile(path):
             found.append(f"--{flag} {path}: no such file")
+    return found
+
+
+def problems(args: argparse.Namespace) -> list[str]:
+    """Every problem of the flags that can be seen before any work starts."""
+    found = _value_problems(args) + _name_problems(args) + _path_problems(args)
     return [p for p in found if p]
 
 

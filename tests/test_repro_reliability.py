@@ -227,6 +227,7 @@ def test_smoke_data_interrupted_while_written_is_written_again(tmp_path, monkeyp
     spec = get_spec("R32_C10")
     assert len(get_dataset(spec, root, train=False)) == smoke.SMOKE_TEST
     assert len(get_dataset(spec, root, train=True)) == smoke.SMOKE_TRAIN
+    assert demo_data.read_difficulty(root).shape == (smoke.SMOKE_TEST,)  # the demo's own
     assert os.listdir(root) == ["cifar-10-batches-py"]
 
 
