@@ -112,6 +112,24 @@ def test_bad_flags_are_one_line_before_any_work(argv, message, tmp_path, capsys)
     assert not out.exists()
 
 
+def test_missing_policy_weights_are_refused_before_any_step(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["table4", "--smoke", "--policy_init", str(tmp_path / "none.pth"), "--out", str(out)]
+    assert _exit_code(reproduce.main, argv) == 2
+    assert "none.pth: no such file" in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_table1_finds_every_released_checkpoint_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = _released_args(tmp_path, out)
+    argv[0] = "table1"
+    assert reproduce.main(argv + ["--models", "R32_C10"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert "no base, curriculum, finetuned checkpoint of R32_C10" in line
+    assert not out.exists()
+
+
 def test_an_out_under_a_file_is_refused_first(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -13,6 +13,9 @@ from models import MODEL_SPECS
 from scripts.repro import figures, table1, table2, tables
 
 
+GAMMA_TABLES = {"table3": ("R32_C10", "R110_C10"), "table4": ("R101_ImgNet",)}  # default models
+
+
 # -- registry -----------------------------------------------------------------------------
 def _add_gamma_table_args(default_models: Sequence[str]):
     def add(p: argparse.ArgumentParser) -> None:
@@ -35,11 +38,11 @@ def _add_gamma_table_args(default_models: Sequence[str]):
 
 
 def _run_table3(args, argv):
-    tables.run_gamma_table(args, argv, "table3", ("R32_C10", "R110_C10"))
+    tables.run_gamma_table(args, argv, "table3", GAMMA_TABLES["table3"])
 
 
 def _run_table4(args, argv):
-    tables.run_gamma_table(args, argv, "table4", ("R101_ImgNet",))
+    tables.run_gamma_table(args, argv, "table4", GAMMA_TABLES["table4"])
 
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -113,9 +116,9 @@ COMMANDS: dict[str, Any] = {
     "table2": ("Table 2: time per image of the full ResNet, BlockDrop and BlockDrop-seq",
                _add_table2_args, _run_table2),
     "table3": ("Table 3 (supplement Table 1): CIFAR-10 BlockDrop per γ vs the full ResNets",
-               _add_gamma_table_args(("R32_C10", "R110_C10")), _run_table3),
+               _add_gamma_table_args(GAMMA_TABLES["table3"]), _run_table3),
     "table4": ("Table 4 (supplement Table 2): ImageNet BlockDrop (ResNet-101) per γ",
-               _add_gamma_table_args(("R101_ImgNet",)), _run_table4),
+               _add_gamma_table_args(GAMMA_TABLES["table4"]), _run_table4),
     "compare_gamma": ("One table and Figure 3 for finetuned models of one network",
                       _add_compare_args, _run_compare),
     "figures": ("Per-image views of one finetuned model: block usage, keep rates, Figures 4-5",
@@ -127,6 +130,8 @@ def problems(args: argparse.Namespace) -> list[str]:
     """The command's own flag problems (those :mod:`scripts.reproduce` cannot know)."""
     if args.name == "table2":
         return table2.keep_problems(args.keep or [])
+    if args.name in GAMMA_TABLES:
+        return tables.policy_init_problems(args, GAMMA_TABLES[args.name])
     return []
 
 

@@ -68,11 +68,15 @@ def _acc(results: Sequence[dict[str, Any]]) -> dict[str, float | None]:
 
 def checkpoints(ctx: ReproContext, model: str, gamma: float) -> dict[str, str]:
     """Base ResNet, curriculum and finetuned checkpoints: released, or trained here."""
-    args = ctx.args
-    if not args.released:
-        runs = pipeline.blockdrop(ctx.plan(), model, [gamma])
-        return {"base": runs["base"], "curriculum": runs["curriculum"],
-                "finetuned": runs["finetuned"][gamma]}
+    if ctx.args.released:
+        return released_checkpoints(ctx.args, model, gamma)
+    runs = pipeline.blockdrop(ctx.plan(), model, [gamma])
+    return {"base": runs["base"], "curriculum": runs["curriculum"],
+            "finetuned": runs["finetuned"][gamma]}
+
+
+def released_checkpoints(args: argparse.Namespace, model: str, gamma: float) -> dict[str, str]:
+    """The three checkpoints of ``model`` under ``--released`` (``--base_ckpt`` wins)."""
     found = {"base": args.base_ckpt or base_checkpoint(args.released, model),
              "curriculum": curriculum_checkpoint(args.released, model),
              "finetuned": next((f.checkpoint for f in find_finetuned(args.released, [model],
@@ -120,6 +124,8 @@ def run_table1(args: argparse.Namespace, argv: Sequence[str]) -> None:
     models = model_list(args.models, MODELS[args.dataset][:1] if args.smoke
                         else MODELS[args.dataset])
     seeds = args.seeds or ([0, 1] if args.smoke else [0, 1, 2])
+    for model in models if args.released else []:  # every model's files before any work
+        released_checkpoints(args, model, table1_gamma(model, args.gamma))
     ctx = prepare(args, argv, models, train=True)
     table = Table("Table 1: BlockDrop vs heuristic policies at the same K, before and after "
                   "joint finetuning (ft)", COLUMNS)

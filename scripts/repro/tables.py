@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import yaml
 
-from models import get_spec
+from models import MODEL_SPECS, get_spec
 from scripts.repro import pipeline
 from scripts.repro.context import ReproContext, model_list, preamble, prepare
 from scripts.repro.gamma import (Evaluated, evaluate_finetuned, evaluate_full, figure3,
@@ -19,6 +19,7 @@ from scripts.repro.released import (Finetuned, NotFoundError, base_checkpoint, p
 from scripts.repro.steps import newest_checkpoint
 from utils.checkpoint import read_checkpoint
 from utils.errors import UserError
+from utils.policy_init import RANDOM, TORCHVISION, resolve_policy_init
 from scripts.repro.plots import save
 from scripts.repro.paper import paper_rows
 from scripts.repro.report import write_table
@@ -28,6 +29,22 @@ SMOKE_GAMMAS = (2.0, 5.0)  # two γ: the tables and Figure 3 get more than one B
 
 class ModelMismatchError(UserError, ValueError):
     """Checkpoints of different models were given to one comparison."""
+
+
+def policy_init_problems(args: argparse.Namespace, default_models: Sequence[str]) -> list[str]:
+    """From scratch, the curriculum's starting weights of the policy (``--policy_init``,
+    else the torch hub cache for ImageNet models) must be there before any step runs."""
+    value = args.policy_init or (RANDOM if args.smoke else None)
+    if args.released or value == TORCHVISION:  # cl_training.py downloads them
+        return []
+    found = []
+    for model in args.models or (default_models[:1] if args.smoke else default_models):
+        if model in MODEL_SPECS:
+            try:
+                resolve_policy_init(get_spec(model), value)
+            except UserError as err:
+                found.append(str(err))
+    return found
 
 
 def train_all(ctx: ReproContext, models: Sequence[str], gammas: Sequence[float] | None,
@@ -82,7 +99,7 @@ def run_gamma_table(args: argparse.Namespace, argv: Sequence[str], name: str,
     else:
         # cl_training.py's rule: torchvision weights from the hub cache by default;
         # smoke runs never download and start the policy at random
-        init = args.policy_init or ("random" if args.smoke else None)
+        init = args.policy_init or (RANDOM if args.smoke else None)
         found, bases = train_all(ctx, models, args.gammas, init)
     evals, fulls, missing = evaluate_all(ctx, found, bases)
     write_results(ctx, name, f"{name[:1].upper()}{name[1:-1]} {name[-1]}: BlockDrop per γ "
