@@ -9,7 +9,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
+import time
 
 import pytest
 
@@ -73,6 +76,34 @@ def test_a_step_killed_by_a_signal_says_so(tmp_path):
     step = Step("dies", str(script), [], str(tmp_path / "run"), 1, str(tmp_path / "dies.log"))
     with pytest.raises(StepError, match="step 'dies' failed: killed by signal SIGKILL"):
         run_step(step, say=lambda m: None)
+
+
+def test_a_stopped_reproduction_stops_its_step(tmp_path):
+    """SIGTERM to the reproduction reaches the running step, which can release its folder."""
+    marker = tmp_path / "marker"
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import signal, sys, time\n"
+        f"MARK = {str(marker)!r}\n"
+        "def stop(*_):\n"
+        "    open(MARK, 'w').write('stopped')\n"
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "open(MARK, 'w').write('up')\n"
+        "time.sleep(60)\n")
+    step = Step("slow", str(script), [], str(tmp_path / "run"), 1, str(tmp_path / "slow.log"))
+
+    def stop_when_up():
+        deadline = time.time() + 30
+        while time.time() < deadline and not (marker.exists() and marker.read_text()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_up, daemon=True).start()
+    with pytest.raises(SystemExit) as info:
+        run_step(step, say=lambda m: None)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert marker.read_text() == "stopped"
 
 
 def test_values_reach_the_scripts_as_one_token():

@@ -24,6 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,14 +152,39 @@ def run_python(argv: Sequence[str], log: str) -> str | None:
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {shlex.join(['python', *argv])}\n")
         f.flush()
-        code = subprocess.call([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, env=env)
+        child = subprocess.Popen([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=env)
+        code = _wait(child)
     if code == 0:
         return None
     status = exit_text(code)
     if status.startswith("killed"):
         return status
     return _last_line(log) or status
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(128 + signum)  # unwinds through _wait, which stops the child
+
+
+def _wait(child: subprocess.Popen, grace: float = 60.0) -> int:
+    """The child's exit status. When this process is stopped (Ctrl-C, SIGTERM), the child
+    gets SIGTERM and ``grace`` seconds to release its run folder before it is killed."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
+    try:
+        return child.wait()
+    except BaseException:
+        child.terminate()
+        try:
+            child.wait(grace)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def call_script(script: str, argv: Sequence[str], log: str) -> str | None:
