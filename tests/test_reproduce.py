@@ -66,8 +66,8 @@ def _step(tmp_path, data_dir, **extra):
             "device": "cpu", "workers": 0, "no_progress": True, "epochs": 1, "batch_size": 8,
             "milestones": [1], "test_every": 1, **extra}
     return make_step("pretrain R32_C10", "pretrain_resnet.py",
-                      os.path.join(ROOT, "configs/pretrain/R32_C10.yaml"), opts,
-                      str(tmp_path / "logs" / "pre.log"))
+                     os.path.join(ROOT, "configs/pretrain/R32_C10.yaml"), opts,
+                     str(tmp_path / "logs" / "pre.log"))
 
 
 def test_step_skip_interrupt_resume_force(tmp_path, tiny_data):

@@ -96,7 +96,7 @@ def base_network(plan: Plan, model: str) -> str:
     opts = _common(plan, model, "pretrain_resnet.py",
                    os.path.join(plan.cv_root, "pretrained", model))
     return _run(plan, make_step(name, "pretrain_resnet.py", config_path("pretrain", model),
-                                 opts, _log(plan, name)))
+                                opts, _log(plan, name)))
 
 
 def curriculum(plan: Plan, model: str, base: str) -> str:
@@ -105,7 +105,7 @@ def curriculum(plan: Plan, model: str, base: str) -> str:
     opts = _common(plan, model, "cl_training.py", os.path.join(plan.cv_root, "cl_training", model))
     opts.update(base_ckpt=base, policy_init=plan.policy_init)
     return _run(plan, make_step(name, "cl_training.py", config_path("cl", model), opts,
-                                 _log(plan, name)))
+                                _log(plan, name)))
 
 
 def finetune(plan: Plan, model: str, gamma: float, base: str, pretrained: str | None,
@@ -125,7 +125,7 @@ def finetune(plan: Plan, model: str, gamma: float, base: str, pretrained: str | 
     if fixed:
         opts.update(pretrained="", **fixed)  # "" clears the config's curriculum checkpoint
     return _run(plan, make_step(name, "finetune.py", finetune_config(model, gamma), opts,
-                                 _log(plan, name)))
+                                _log(plan, name)))
 
 
 def blockdrop(plan: Plan, model: str, gammas: Iterable[float]) -> dict[str, Any]:

@@ -117,7 +117,7 @@ def flags(options: dict[str, Any]) -> list[str]:
 
 
 def make_step(name: str, script: str, config: str, overrides: dict[str, Any], log: str
-               ) -> Step:
+              ) -> Step:
     """A step from a YAML config and the flags that override it (given explicitly, they
     win over the YAML). Reads the config to know the step's final epoch."""
     values = {**load_yaml(config), **overrides}
