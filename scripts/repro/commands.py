@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from models import MODEL_SPECS
 from scripts.repro import figures, table1, table2, tables
 
-
 GAMMA_TABLES = {"table3": ("R32_C10", "R110_C10"), "table4": ("R101_ImgNet",)}  # default models
 
 
