@@ -34,9 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
+import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,10 +50,16 @@ from policies.registry import build_source, get_method
 from policies.seq import MODES, SeqAgent, build_seq_agent, seq_pass
 from models.fast import OFF, FastOptions, inference_copy
 from policies.blockdrop import curriculum_train_step
+from scripts.cli import OneLineParser, count_problem, file_problem, guarded, number_problem
+from scripts.repro.bookkeeping import read_json, write_json, write_text
 from utils.engine import evaluate
 from models.flops import flop_counter, flop_table
 from policies.rewards import greedy_policy
 from utils.stats import format_eval_block, policy_stats
+from utils.config import device_problems
+from utils.errors import UserError
+from utils.launch import describe
+from utils.timing import Clock, time_interleaved
 
 # blocks kept per image by the paper's models: R110 gamma=10 (16.9 of 54),
 # R32 gamma=5 (6.9 of 15, Table 3), R101 gamma=5 (24.8 of 33, Table 4)
@@ -96,48 +101,6 @@ def setup(name: str, device: torch.device, seed: int, fast: FastOptions = OFF):
 
 
 # -- timing ------------------------------------------------------------------
-class Clock:
-    """Seconds taken by a call: perf_counter on CPU, CUDA events on a GPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1000.0
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     clock: Clock, min_time: float = 0.0) -> dict[str, float]:
-    """Median seconds per call of each function, the calls interleaved (the order
-    rotates every round so that none always follows the same neighbour). A timed
-    sample repeats a call that took less than ``min_time`` in warm-up enough times
-    to last about ``min_time``, so that short calls are not timed one by one."""
-    names = list(fns)
-    inner = {name: 1 for name in names}
-    for w in range(warmup):
-        for name in names:
-            took = clock(fns[name])
-            if w == warmup - 1 and took < min_time:
-                inner[name] = max(1, round(min_time / max(took, 1e-6)))
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn, n = fns[name], inner[name]
-            times[name].append(clock(lambda fn=fn, n=n: [fn() for _ in range(n)]) / n)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA when asked (UNMEASURED: written without a GPU)."""
     if bf16 and device.type == "cuda":
@@ -421,8 +384,8 @@ def format_seq(rows: list[dict]) -> str:
 
 # -- command line ------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.benchmark", allow_abbrev=False,
-                                description="BlockDrop execution-path benchmark")
+    p = OneLineParser(prog="python -m scripts.benchmark", allow_abbrev=False,
+                      description="BlockDrop execution-path benchmark")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_KEEP),
                    help="models of the inference part (default: %(default)s)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
@@ -540,14 +503,50 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--threads must be at least 1, got {args.threads}")
     if not 0.0 < args.cl_keep_fraction < 1.0:
         p.error(f"--cl-keep-fraction must be in (0, 1), got {args.cl_keep_fraction}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        p.error(f"--device: {err}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    if args.bf16 and device.type != "cuda":
+    for problem in device_problems(args.device):
+        p.error(problem)
+    if args.bf16 and torch.device(args.device).type != "cuda":
         p.error("--bf16 is a GPU option; it needs --device cuda")
+    for problem in _size_problems(args) + _file_problems(args):
+        p.error(problem)
+
+
+def _size_problems(args: argparse.Namespace) -> list[str]:
+    """Counts so large that the inputs would not fit in memory."""
+    found = [count_problem(f"--{flag.replace('_', '-')}", getattr(args, flag))
+             for flag in ("single_images", "eval_images", "eval_batch", "cl_batch",
+                          "seq_images", "repeats", "eval_repeats", "cl_repeats")]
+    found.append(count_problem("--warmup", args.warmup, 0))
+    for flag in ("batch_sizes", "seq_batches", "profile_batches"):
+        found += [count_problem(f"--{flag.replace('_', '-')}", b)
+                  for b in getattr(args, flag) or []]
+    found.append(count_problem("--threads", args.threads, 1, 4096))
+    found.append(number_problem("--min-time", args.min_time, 0.0))
+    found.append(count_problem("--seed", args.seed, 0, 2**32 - 1))
+    return [f for f in found if f]
+
+
+def _file_problems(args: argparse.Namespace) -> list[str]:
+    """--out must be writable; --render must be a file, --doc a page with the markers."""
+    found = [file_problem("--out", args.out) if args.out else None]
+    if args.doc and not args.render:
+        found.append("--doc needs --render")
+    if args.render and not os.path.isfile(args.render):
+        found.append(f"--render {args.render}: no such file")
+    if args.doc:
+        found.append(_doc_problem(args.doc))
+    return [f for f in found if f]
+
+
+def _doc_problem(doc: str) -> str | None:
+    try:
+        with open(doc, encoding="utf-8") as f:
+            page = f.read()
+    except OSError as err:
+        return f"--doc {doc}: {describe(err)}"
+    if BEGIN not in page or END not in page:
+        return f"--doc {doc} has no {BEGIN} ... {END} markers"
+    return file_problem("--doc", doc)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -660,23 +659,32 @@ BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
 def render_into(json_path: str, doc: str | None) -> None:
     """Print the report of ``json_path``, or replace the part of ``doc`` between the
     BEGIN and END markers with it."""
-    with open(json_path) as f:
-        text = render(json.load(f))
+    result = read_json(json_path, "pass a JSON written by python -m scripts.benchmark --out",
+                       lambda d: {"machine", "settings", "argv"} <= set(d))
+    text = render(result)
     if doc is None:
         print(text, end="")
         return
-    with open(doc) as f:
+    with open(doc, encoding="utf-8") as f:
         page = f.read()
     if BEGIN not in page or END not in page:
-        sys.exit(f"benchmark: error: {doc} has no {BEGIN} ... {END} markers")
+        raise UserError(f"{doc} has no {BEGIN} ... {END} markers")
     head, rest = page.split(BEGIN, 1)
-    page = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
-    with open(doc, "w") as f:
-        f.write(page)
+    write_text(doc, head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse and check the flags, then measure (or render); returns the results."""
     args = parse_args(argv)
+    result: dict = {}
+    code = guarded("benchmark", lambda: result.update(run(args, argv)))
+    if code:
+        sys.exit(code)
+    return result
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
+    """Every part the flags ask for; the results are written to ``--out`` at the end."""
     if args.render:
         render_into(args.render, args.doc)
         return {}
@@ -733,8 +741,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print("Table 2, BlockDrop vs BlockDrop-seq, greedy decisions, networks included "
               f"(median of {args.repeats}):\n" + format_seq(rows) + "\n")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out, result)
     return result
 
 

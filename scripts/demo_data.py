@@ -17,12 +17,22 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import shutil
+import sys
+import tempfile
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-from utils.data import CIFAR10Files, write_cifar_folder
+from models import MODEL_SPECS, get_spec
+from scripts.cli import OneLineParser, count_problem, folder_problem, guarded
+from utils.data import CIFAR10Files, get_dataset, write_cifar_folder
+from utils.engine import evaluate
+from utils.networks import Request, load_for_eval
 
 SIZE = 32
+MAX_IMAGES = 1_000_000  # 3 GB of images in memory
 CLASSES = ("disc", "square", "triangle", "plus", "cross", "hbar", "vbar", "ring", "diamond",
            "frame")
 
@@ -97,7 +107,25 @@ def generate(n: int, hard_fraction: float, rng: np.random.Generator
 
 def write_demo_dataset(root: str, train: int, test: int, hard_fraction: float = 0.5,
                        seed: int = 0) -> str:
-    """Write the train and test splits under ``root``; returns the CIFAR-10 folder."""
+    """Write the train and test splits under ``root``; returns the CIFAR-10 folder.
+
+    The folder is written under a temporary name and renamed into place when complete,
+    so an interrupted write never leaves a partial ``cifar-10-batches-py/`` behind."""
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, CIFAR10Files.base_folder)
+    staging = tempfile.mkdtemp(prefix=".demo-data-", dir=root)
+    try:
+        folder = _write_splits(staging, train, test, hard_fraction, seed)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(folder, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _write_splits(root: str, train: int, test: int, hard_fraction: float, seed: int) -> str:
+    """Both splits and the class names in ``root/cifar-10-batches-py``; returns that folder."""
     rng = np.random.default_rng(seed)
     for is_train, n in ((True, train), (False, test)):
         images, labels, difficulty = generate(n, hard_fraction, rng)
@@ -131,14 +159,6 @@ def read_difficulty(root: str, train: bool = False) -> np.ndarray:
 def compare_difficulty(model: str, load: str, data_dir: str, base_ckpt: str = None,
                        batch_size: int = 256) -> str:
     """Block usage and accuracy of easy vs hard test images under the greedy policy."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from models import get_spec
-    from utils.networks import Request, load_for_eval
-    from utils.data import get_dataset
-    from utils.engine import evaluate
-
     spec = get_spec(model)
     setup = load_for_eval(spec, Request(load, base_ckpt))
     testset = get_dataset(spec, data_dir, train=False)
@@ -154,9 +174,9 @@ def compare_difficulty(model: str, load: str, data_dir: str, base_ckpt: str = No
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m scripts.demo_data", allow_abbrev=False,
-                                description="The demo's shapes dataset (CIFAR-10 format)")
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m scripts.demo_data", allow_abbrev=False,
+                      description="The demo's shapes dataset (CIFAR-10 format)")
     sub = p.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write the dataset", allow_abbrev=False)
     gen.add_argument("--out", required=True, help="data_dir to write cifar-10-batches-py/ into")
@@ -170,16 +190,47 @@ def main(argv=None) -> None:
     cmp_.add_argument("--load", required=True, help="BlockDrop checkpoint")
     cmp_.add_argument("--data_dir", required=True)
     cmp_.add_argument("--base_ckpt", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def problems(args: argparse.Namespace) -> list[str]:
+    """Every problem of the flags, found before anything is read or written."""
+    if args.command == "compare":
+        found = [f"--{flag} {path}: no such file" for flag, path in
+                 (("load", args.load), ("base_ckpt", args.base_ckpt))
+                 if path and not os.path.isfile(path)]
+        if not os.path.isdir(args.data_dir):
+            found.append(f"--data_dir {args.data_dir}: no such folder")
+        if args.model not in MODEL_SPECS:
+            found.append(f"--model: unknown model {args.model!r}; valid names: "
+                         f"{', '.join(MODEL_SPECS)}")
+        return found
+    found = [count_problem("--train", args.train, 5, MAX_IMAGES),
+             count_problem("--test", args.test, 1, MAX_IMAGES),
+             count_problem("--seed", args.seed, 0, 2**32 - 1),
+             folder_problem("--out", args.out)]
+    if not 0 <= args.hard_fraction <= 1:
+        found.append(f"--hard_fraction must lie in [0, 1], got {args.hard_fraction}")
+    return [f for f in found if f]
+
+
+def run(args: argparse.Namespace) -> None:
     if args.command == "compare":
         print(compare_difficulty(args.model, args.load, args.data_dir, args.base_ckpt))
         return
-    if args.train < 5 or args.test < 1:
-        p.error("--train must be >= 5 (five training files) and --test >= 1")
-    if not 0 <= args.hard_fraction <= 1:
-        p.error("--hard_fraction must lie in [0, 1]")
     folder = write_demo_dataset(args.out, args.train, args.test, args.hard_fraction, args.seed)
     print(f"wrote {args.train} training and {args.test} test images to {folder}")
+
+
+def main(argv=None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
+    found = problems(args)
+    if found:
+        p.error("; ".join(found))
+    code = guarded("demo_data", lambda: run(args))
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

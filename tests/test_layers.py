@@ -135,7 +135,7 @@ def _compares_a_name(node: ast.Compare, names: tuple[str, ...]) -> bool:
         return isinstance(side, ast.Constant) and side.value in names
 
     sides = [node.left, *node.comparators]
-    for op, left, right in zip(node.ops, sides, sides[1:], strict=True):
+    for op, left, right in zip(node.ops, sides[:-1], sides[1:], strict=True):
         equality = isinstance(op, (ast.Eq, ast.NotEq, ast.Is, ast.IsNot))
         if equality and (named(left) or named(right)):
             return True

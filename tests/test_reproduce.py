@@ -1,5 +1,5 @@
-"""The reproduction scripts (docs/reproducing.md): paper numbers as data, tables beside the paper,
-released-checkpoint discovery, stage orchestration, and every script's --smoke run."""
+"""The reproduction scripts: paper numbers as data, tables beside the paper,
+released-checkpoint discovery, training steps, and every script's --smoke run."""
 from __future__ import annotations
 
 import csv
@@ -16,9 +16,9 @@ from helpers import make_cifar, pk_layout, randomize_bn
 from legacy_writer import legacy_state_dict, save_pytorch03
 from models import get_model
 from scripts import reproduce
-from scripts.repro.stages import StageError, make_stage, run_stage
-from utils.paper import paper_row, paper_rows
-from utils.report import Label, Metric, Table, write_table
+from scripts.repro.steps import StepError, make_step, run_step
+from scripts.repro.paper import paper_row, paper_rows
+from scripts.repro.report import Label, Metric, Table, write_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,38 +60,38 @@ def test_table_puts_paper_beside_ours(tmp_path):
     assert open(md_path).read().startswith("# T")
 
 
-# -- stages ----------------------------------------------------------------------------
-def _stage(tmp_path, data_dir, **extra):
+# -- training steps ------------------------------------------------------------------------
+def _step(tmp_path, data_dir, **extra):
     opts = {"model": "R32_C10", "data_dir": data_dir, "cv_dir": str(tmp_path / "pre"),
             "device": "cpu", "workers": 0, "no_progress": True, "epochs": 1, "batch_size": 8,
             "milestones": [1], "test_every": 1, **extra}
-    return make_stage("pretrain R32_C10", "pretrain_resnet.py",
-                      os.path.join(ROOT, "configs/pretrain/R32_C10.yaml"), opts,
-                      str(tmp_path / "logs" / "pre.log"))
+    return make_step("pretrain R32_C10", "pretrain_resnet.py",
+                     os.path.join(ROOT, "configs/pretrain/R32_C10.yaml"), opts,
+                     str(tmp_path / "logs" / "pre.log"))
 
 
-def test_stage_skip_interrupt_resume_force(tmp_path, tiny_data):
-    stage = _stage(tmp_path, tiny_data["data_dir"])
-    final = run_stage(stage, say=lambda m: None)
+def test_step_skip_interrupt_resume_force(tmp_path, tiny_data):
+    step = _step(tmp_path, tiny_data["data_dir"])
+    final = run_step(step, say=lambda m: None)
     assert os.path.basename(final).startswith("pk_E_1_")
     said = []
-    assert run_stage(stage, say=said.append) == final and said[0].startswith("[skip]")
+    assert run_step(step, say=said.append) == final and said[0].startswith("[skip]")
     os.remove(final)  # so it looks interrupted: last.t7 without the final checkpoint
-    with pytest.raises(StageError, match="interrupted.*--resume.*--force"):
-        run_stage(stage, say=lambda m: None)
-    run_stage(stage, force=True, say=said.append)
+    with pytest.raises(StepError, match="interrupted.*--resume.*--force"):
+        run_step(step, say=lambda m: None)
+    run_step(step, force=True, say=said.append)
     assert any(s.startswith("[force]") for s in said)
     assert [p for p in os.listdir(tmp_path) if p.startswith("pre.replaced-")]
 
 
-def test_failing_stage_names_itself_its_log_and_command(tmp_path, tiny_data):
-    bad = _stage(tmp_path, tiny_data["data_dir"], lr=-1)
-    with pytest.raises(StageError) as err:
-        run_stage(bad, say=lambda m: None)
+def test_failing_step_names_itself_its_log_and_command(tmp_path, tiny_data):
+    bad = _step(tmp_path, tiny_data["data_dir"], lr=-1)
+    with pytest.raises(StepError) as err:
+        run_step(bad, say=lambda m: None)
     text = str(err.value)
-    assert "stage 'pretrain R32_C10' failed" in text and "--lr must be > 0" in text
-    assert f"Log: {bad.log}" in text and "Rerun it with: python pretrain_resnet.py" in text
-    assert "--lr -1" in open(bad.log).read()
+    assert "step 'pretrain R32_C10' failed" in text and "--lr must be > 0" in text
+    assert f"Log: {bad.log}" in text and "pretrain_resnet.py --config" in text
+    assert "--lr=-1" in open(bad.log).read()
 
 
 # -- released checkpoints ----------------------------------------------------------------
@@ -229,7 +229,7 @@ def test_smoke_table4(tmp_path):
     run_smoke("table4", tmp_path, ["table4.md", "table4.csv", "table4_figure3.png"])
 
 
-def test_a_failing_stage_stops_the_script(tmp_path, capsys):
+def test_a_failing_step_stops_the_script(tmp_path, capsys):
     data = make_cifar(tmp_path / "data", n=8)
     make_cifar(tmp_path / "data", n=16, train=True)
     bad = tmp_path / "base.t7"
@@ -239,9 +239,9 @@ def test_a_failing_stage_stops_the_script(tmp_path, capsys):
                 "--out", str(out), "--base_ckpt", str(bad), "--workers", "0") == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "stage 'curriculum R32_C10' failed" in err and "not a readable PyTorch checkpoint" in err
+    assert "step 'curriculum R32_C10' failed" in err and "not a readable PyTorch checkpoint" in err
     assert f"Log: {out}/logs/curriculum_R32_C10.log" in err
-    assert "Rerun it with: python cl_training.py --config" in err
+    assert "cl_training.py --config" in err.split("Rerun it with: ")[1]
     assert not (out / "cv" / "finetuned").exists() and not (out / "table3.md").exists()
 
 

@@ -1,111 +1,18 @@
-"""The reproduction commands: options, shared setup, and one function per script."""
+"""The reproduction commands: each command's options and the function that runs it.
+
+The shared setup of every command (results folder, data, evaluation settings) is in
+:mod:`scripts.repro.context`; the commands themselves are in the table modules.
+"""
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import torch
+from models import MODEL_SPECS
+from scripts.repro import figures, table1, table2, tables
 
-from models import MODEL_SPECS, get_spec
-from scripts.repro import outdir, pipeline, smoke
-from scripts.repro.gamma import EvalSettings
-from utils.data import DataError, get_dataset
-from utils.paper import table_meta
-
-DEFAULT_DATA = {"cifar10": "data/", "cifar100": "data/", "image_folder": "data/imagenet/"}
-SMOKE_DATA = {"cifar10": smoke.cifar_data, "image_folder": smoke.imagenet_data}
-RUN_CONTROL = ("force", "resume", "workers", "out", "device")  # not part of a command's identity
-
-
-@dataclass
-class Context:
-    """What every command shares once its options are resolved."""
-
-    args: argparse.Namespace
-    out: str
-    data_dir: str
-    workers: int
-    evals: EvalSettings
-    say: Callable[[str], None]
-
-    def plan(self, policy_init: str | None = None) -> pipeline.Plan:
-        a = self.args
-        return pipeline.Plan(
-            cv_root=a.cv_root or os.path.join(self.out, "cv"), data_dir=self.data_dir,
-            device=a.device, workers=self.workers, logs=os.path.join(self.out, "logs"),
-            smoke=a.smoke, resume=a.resume, force=a.force,
-            base_ckpt=getattr(a, "base_ckpt", None), policy_init=policy_init, say=self.say)
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
-def dataset_of(models: Sequence[str]) -> str:
-    kinds = {get_spec(m).data.kind for m in models}
-    if len(kinds) != 1:
-        raise DataError(f"the models {', '.join(models)} use different datasets; run them "
-                        f"separately")
-    return kinds.pop()
-
-
-def check_data(models: Sequence[str], data_dir: str, train: bool) -> None:
-    """Fail early, with the loader's one-line message, when the data is not there."""
-    for model in models:
-        spec = get_spec(model)
-        get_dataset(spec, data_dir, train=False)
-        if train:
-            get_dataset(spec, data_dir, train=True)
-
-
-def prepare(args: argparse.Namespace, argv: Sequence[str], models: Sequence[str],
-            train: bool) -> Context:
-    """Claim --out, pick the data (generated in smoke runs) and the evaluation settings."""
-    out = args.out or os.path.join("results", args.name)
-    identity = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
-    outdir.claim(out, args.name, identity, argv, args.force)
-    kind = dataset_of(models) if models else "cifar10"
-    if args.smoke:
-        torch.set_num_threads(1)  # tiny batches: one thread is faster than two on a busy CPU
-        if kind not in SMOKE_DATA:
-            raise DataError(f"no generated data for {kind} models; smoke runs use "
-                            f"{', '.join(SMOKE_DATA)}")
-        data_dir = SMOKE_DATA[kind](os.path.join(out, "smoke_data"))
-    else:
-        data_dir = args.data_dir or DEFAULT_DATA[kind]
-        check_data(models, data_dir, train)
-    workers = args.workers if args.workers is not None else (0 if args.smoke else 4)
-    time_images = getattr(args, "time_images", None) or (4 if args.smoke else 256)
-    repeats = getattr(args, "repeats", None) or (1 if args.smoke else 5)
-    evals = EvalSettings(data_dir, args.device, args.batch_size, workers, out, args.force,
-                         args.time_batch or 1, time_images, repeats, say)
-    say(f"{args.name}: results in {out}" + (" (smoke run on generated data)" if args.smoke
-                                            else ""))
-    return Context(args, out, data_dir, workers, evals, say)
-
-
-def preamble(ctx: Context, table: str) -> list[str]:
-    lines = []
-    caption = table_meta(table).get("caption") if table else None
-    if caption:
-        lines.append(f"Paper: {caption}.")
-    with open(os.path.join(ctx.out, outdir.COMMAND_FILE), encoding="utf-8") as f:
-        lines.append(f"Command: `{json.load(f)['command']}`")
-    if ctx.args.smoke:
-        lines.append("**Smoke run** on generated data with one-epoch schedules: the numbers "
-                     "are not comparable with the paper's.")
-    return lines
-
-
-def model_list(values: Sequence[str] | None, default: Sequence[str]) -> list[str]:
-    models = list(values or default)
-    for m in models:
-        get_spec(m)  # unknown names raise ValueError listing the valid ones
-    return models
+GAMMA_TABLES = {"table3": ("R32_C10", "R110_C10"), "table4": ("R101_ImgNet",)}  # default models
 
 
 # -- registry -----------------------------------------------------------------------------
@@ -130,13 +37,11 @@ def _add_gamma_table_args(default_models: Sequence[str]):
 
 
 def _run_table3(args, argv):
-    from scripts.repro.tables import run_gamma_table
-    run_gamma_table(args, argv, "table3", ("R32_C10", "R110_C10"))
+    tables.run_gamma_table(args, argv, "table3", GAMMA_TABLES["table3"])
 
 
 def _run_table4(args, argv):
-    from scripts.repro.tables import run_gamma_table
-    run_gamma_table(args, argv, "table4", ("R101_ImgNet",))
+    tables.run_gamma_table(args, argv, "table4", GAMMA_TABLES["table4"])
 
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -151,8 +56,7 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_compare(args, argv):
-    from scripts.repro.tables import run_compare_gamma
-    run_compare_gamma(args, argv)
+    tables.run_compare_gamma(args, argv)
 
 
 def _add_figures_args(p: argparse.ArgumentParser) -> None:
@@ -171,8 +75,7 @@ def _add_figures_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_figures(args, argv):
-    from scripts.repro.figs import run_figures
-    run_figures(args, argv)
+    figures.run_figures(args, argv)
 
 
 def _add_table1_args(p: argparse.ArgumentParser) -> None:
@@ -192,8 +95,7 @@ def _add_table1_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_table1(args, argv):
-    from scripts.repro.table1 import run_table1
-    run_table1(args, argv)
+    table1.run_table1(args, argv)
 
 
 def _add_table2_args(p: argparse.ArgumentParser) -> None:
@@ -204,8 +106,7 @@ def _add_table2_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_table2(args, argv):
-    from scripts.repro.table2 import run_table2
-    run_table2(args, argv)
+    table2.run_table2(args, argv)
 
 
 COMMANDS: dict[str, Any] = {
@@ -214,14 +115,23 @@ COMMANDS: dict[str, Any] = {
     "table2": ("Table 2: time per image of the full ResNet, BlockDrop and BlockDrop-seq",
                _add_table2_args, _run_table2),
     "table3": ("Table 3 (supplement Table 1): CIFAR-10 BlockDrop per γ vs the full ResNets",
-               _add_gamma_table_args(("R32_C10", "R110_C10")), _run_table3),
+               _add_gamma_table_args(GAMMA_TABLES["table3"]), _run_table3),
     "table4": ("Table 4 (supplement Table 2): ImageNet BlockDrop (ResNet-101) per γ",
-               _add_gamma_table_args(("R101_ImgNet",)), _run_table4),
+               _add_gamma_table_args(GAMMA_TABLES["table4"]), _run_table4),
     "compare_gamma": ("One table and Figure 3 for finetuned models of one network",
                       _add_compare_args, _run_compare),
     "figures": ("Per-image views of one finetuned model: block usage, keep rates, Figures 4-5",
                 _add_figures_args, _run_figures),
 }
+
+
+def problems(args: argparse.Namespace) -> list[str]:
+    """The command's own flag problems (those :mod:`scripts.reproduce` cannot know)."""
+    if args.name == "table2":
+        return table2.keep_problems(args.keep or [])
+    if args.name in GAMMA_TABLES:
+        return tables.policy_init_problems(args, GAMMA_TABLES[args.name])
+    return []
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> None:

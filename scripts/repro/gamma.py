@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from models import get_spec
 from scripts.repro.evaluation import EvalRequest, measure_speedup, run_test
 from scripts.repro.released import Finetuned, gamma_text
-from utils.figures import Point, flops_vs_accuracy
+from scripts.repro.plots import Point, flops_vs_accuracy
 from models.flops import flop_table
-from utils.paper import paper_row, paper_rows
-from utils.report import Label, Metric, Table
+from scripts.repro.paper import paper_row, paper_rows
+from scripts.repro.report import Label, Metric, Table
 
 COLUMNS = (
     Label("network", "network"),
@@ -170,7 +170,7 @@ def notes(s: EvalSettings, evals: Sequence[Evaluated], smoke: bool) -> list[str]
     out = []
     if smoke:
         out.append("SMOKE RUN: generated data and one-epoch schedules; the numbers only show "
-                   "that every stage runs and are not comparable with the paper's.")
+                   "that every step runs and are not comparable with the paper's.")
     if evals:
         r = evals[0].result
         out.append(f"Ours: test.py on {r['num_images']} images of {s.data_dir} (batch "

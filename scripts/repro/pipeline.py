@@ -1,4 +1,4 @@
-"""From-scratch reproduction: the stages of paper Sec. 3.3-4 from ``configs/``.
+"""From-scratch reproduction: the training steps of paper Sec. 3.3-4 from ``configs/``.
 
 pretraining of the base ResNet (only when no base network is given or found), curriculum
 learning of the policy, joint finetuning per γ, and finetuning under fixed policies for
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from models import get_spec
 from scripts.repro.released import gamma_text
-from scripts.repro.stages import StageError, StageRun, make_stage, run_stage
+from scripts.repro.steps import StepError, Step, make_step, run_step
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
@@ -31,13 +31,13 @@ SMOKE_SCHEDULES: dict[str, dict[str, Any]] = {  # script -> tiny schedule
 
 @dataclass
 class Plan:
-    """Where and how the stages run."""
+    """Where and how the training steps run."""
 
     cv_root: str
     data_dir: str
     device: str
     workers: int
-    logs: str  # folder of the stage logs
+    logs: str  # folder of the step logs
     smoke: bool = False
     resume: bool = False
     force: bool = False
@@ -49,7 +49,7 @@ class Plan:
 def config_path(kind: str, name: str) -> str:
     path = os.path.join(CONFIGS, kind, f"{name}.yaml")
     if not os.path.isfile(path):
-        raise StageError(f"no {kind} config for {name}: expected {path}")
+        raise StepError(f"no {kind} config for {name}: expected {path}")
     return path
 
 
@@ -61,7 +61,7 @@ def finetune_config(model: str, gamma: float) -> str:
         return exact
     others = sorted(glob.glob(os.path.join(CONFIGS, "finetune", f"{model}_gamma*.yaml")))
     if not others:
-        raise StageError(f"no finetuning config for {model}: expected {exact}")
+        raise StepError(f"no finetuning config for {model}: expected {exact}")
     return others[0]
 
 
@@ -77,16 +77,16 @@ def _log(plan: Plan, name: str) -> str:
     return os.path.join(plan.logs, name.replace(" ", "_").replace("=", "") + ".log")
 
 
-def _run(plan: Plan, stage: StageRun) -> str:
-    return run_stage(stage, resume=plan.resume, force=plan.force, say=plan.say)
+def _run(plan: Plan, step: Step) -> str:
+    return run_step(step, resume=plan.resume, force=plan.force, say=plan.say)
 
 
 def base_network(plan: Plan, model: str) -> str:
     """The base ResNet: ``plan.base_ckpt``, else the model's default file (not in smoke
-    runs), else a pretraining stage's checkpoint."""
+    runs), else a pretraining step's checkpoint."""
     if plan.base_ckpt:
         if not os.path.isfile(plan.base_ckpt):
-            raise StageError(f"--base_ckpt {plan.base_ckpt}: no such file")
+            raise StepError(f"--base_ckpt {plan.base_ckpt}: no such file")
         return plan.base_ckpt
     found = sorted(glob.glob(get_spec(model).base_checkpoint))  # the name may be a pattern
     if not plan.smoke and found:
@@ -95,17 +95,17 @@ def base_network(plan: Plan, model: str) -> str:
     name = f"pretrain {model}"
     opts = _common(plan, model, "pretrain_resnet.py",
                    os.path.join(plan.cv_root, "pretrained", model))
-    return _run(plan, make_stage(name, "pretrain_resnet.py", config_path("pretrain", model),
-                                 opts, _log(plan, name)))
+    return _run(plan, make_step(name, "pretrain_resnet.py", config_path("pretrain", model),
+                                opts, _log(plan, name)))
 
 
 def curriculum(plan: Plan, model: str, base: str) -> str:
-    """The curriculum-learning stage's final checkpoint."""
+    """The curriculum-learning step's final checkpoint."""
     name = f"curriculum {model}"
     opts = _common(plan, model, "cl_training.py", os.path.join(plan.cv_root, "cl_training", model))
     opts.update(base_ckpt=base, policy_init=plan.policy_init)
-    return _run(plan, make_stage(name, "cl_training.py", config_path("cl", model), opts,
-                                 _log(plan, name)))
+    return _run(plan, make_step(name, "cl_training.py", config_path("cl", model), opts,
+                                _log(plan, name)))
 
 
 def finetune(plan: Plan, model: str, gamma: float, base: str, pretrained: str | None,
@@ -124,12 +124,12 @@ def finetune(plan: Plan, model: str, gamma: float, base: str, pretrained: str | 
     opts.update(base_ckpt=base, penalty=-float(gamma), pretrained=pretrained)
     if fixed:
         opts.update(pretrained="", **fixed)  # "" clears the config's curriculum checkpoint
-    return _run(plan, make_stage(name, "finetune.py", finetune_config(model, gamma), opts,
-                                 _log(plan, name)))
+    return _run(plan, make_step(name, "finetune.py", finetune_config(model, gamma), opts,
+                                _log(plan, name)))
 
 
 def blockdrop(plan: Plan, model: str, gammas: Iterable[float]) -> dict[str, Any]:
-    """Every stage of BlockDrop for ``model``: base, curriculum, finetuning per γ.
+    """Every training step of BlockDrop for ``model``: base, curriculum, finetuning per γ.
     Returns ``{"base", "curriculum", "finetuned": {γ: checkpoint}}``."""
     base = base_network(plan, model)
     cl = curriculum(plan, model, base)

@@ -1,4 +1,4 @@
-"""Finding checkpoints laid out like the authors' released tarball (SPEC section 3).
+"""Finding checkpoints laid out like the authors' released tarball (docs/checkpoints.md).
 
     <cv>/finetuned/<model>_gamma_<γ>/ckpt_E_*.t7      jointly finetuned BlockDrop models
     <cv>/cl_learning|cl_training/<model>/ckpt_E_*.t7   curriculum-learning policies
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from collections.abc import Iterable
 
 from models import get_spec
-from scripts.repro.stages import checkpoint_epoch, newest_checkpoint
+from scripts.repro.steps import checkpoint_epoch, newest_checkpoint
 from utils.errors import UserError
 
 FINETUNED = "finetuned"

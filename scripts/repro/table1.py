@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from policies.fixed import ceil_usage
 from policies.registry import get_method
 from scripts.repro import pipeline
-from scripts.repro.commands import Context, model_list, preamble, prepare
+from scripts.repro.context import ReproContext, model_list, preamble, prepare
 from scripts.repro.evaluation import EvalRequest, run_test
 from scripts.repro.released import (NotFoundError, base_checkpoint, curriculum_checkpoint,
                                     find_finetuned, gamma_text)
-from utils.figures import ours_vs_paper_bars, save
-from utils.paper import paper_row
-from utils.report import Label, Metric, Table, write_table
+from scripts.repro.plots import ours_vs_paper_bars, save
+from scripts.repro.paper import paper_row
+from scripts.repro.report import Label, Metric, Table, write_table
 
 MODELS = {"c10": ("R32_C10", "R110_C10"), "c100": ("R32_C100", "R110_C100")}
 FIXED = ("firstk", "randomk", "distributek")
@@ -48,7 +48,7 @@ def table1_gamma(model: str, flag: float | None) -> float:
 class Evaluator:
     """test.py --out calls of one model, each kept as ``<out>/evals/<tag>.json``."""
 
-    def __init__(self, ctx: Context, model: str, base: str):
+    def __init__(self, ctx: ReproContext, model: str, base: str):
         self.ctx, self.model, self.base = ctx, model, base
 
     def __call__(self, tag: str, load: str | None = None, **policy: Any) -> dict[str, Any]:
@@ -67,13 +67,17 @@ def _acc(results: Sequence[dict[str, Any]]) -> dict[str, float | None]:
             "std": statistics.stdev(accs) if len(accs) > 1 else None}
 
 
-def checkpoints(ctx: Context, model: str, gamma: float) -> dict[str, str]:
+def checkpoints(ctx: ReproContext, model: str, gamma: float) -> dict[str, str]:
     """Base ResNet, curriculum and finetuned checkpoints: released, or trained here."""
-    args = ctx.args
-    if not args.released:
-        runs = pipeline.blockdrop(ctx.plan(), model, [gamma])
-        return {"base": runs["base"], "curriculum": runs["curriculum"],
-                "finetuned": runs["finetuned"][gamma]}
+    if ctx.args.released:
+        return released_checkpoints(ctx.args, model, gamma)
+    runs = pipeline.blockdrop(ctx.plan(), model, [gamma])
+    return {"base": runs["base"], "curriculum": runs["curriculum"],
+            "finetuned": runs["finetuned"][gamma]}
+
+
+def released_checkpoints(args: argparse.Namespace, model: str, gamma: float) -> dict[str, str]:
+    """The three checkpoints of ``model`` under ``--released`` (``--base_ckpt`` wins)."""
     found = {"base": args.base_ckpt or base_checkpoint(args.released, model),
              "curriculum": curriculum_checkpoint(args.released, model),
              "finetuned": next((f.checkpoint for f in find_finetuned(args.released, [model],
@@ -88,7 +92,7 @@ def checkpoints(ctx: Context, model: str, gamma: float) -> dict[str, str]:
     return found
 
 
-def model_rows(ctx: Context, model: str, gamma: float, seeds: Sequence[int]
+def model_rows(ctx: ReproContext, model: str, gamma: float, seeds: Sequence[int]
                ) -> list[dict[str, Any]]:
     """Our Table 1 values of one model: one dict per method."""
     ckpts = checkpoints(ctx, model, gamma)
@@ -122,6 +126,8 @@ def run_table1(args: argparse.Namespace, argv: Sequence[str]) -> None:
     models = model_list(args.models, MODELS[args.dataset][:1] if args.smoke
                         else MODELS[args.dataset])
     seeds = args.seeds or ([0, 1] if args.smoke else [0, 1, 2])
+    for model in models if args.released else []:  # every model's files before any work
+        released_checkpoints(args, model, table1_gamma(model, args.gamma))
     ctx = prepare(args, argv, models, train=True)
     table = Table("Table 1: BlockDrop vs heuristic policies at the same K, before and after "
                   "joint finetuning (ft)", COLUMNS)
@@ -152,7 +158,7 @@ def figure(table: Table, key: str):
                               [r.ours.get(key + "_std") for r in table.rows])
 
 
-def _notes(ctx: Context, seeds: Sequence[int]) -> list[str]:
+def _notes(ctx: ReproContext, seeds: Sequence[int]) -> list[str]:
     out = []
     if ctx.args.smoke:
         out.append("SMOKE RUN: generated data and one-epoch schedules; not comparable with the "

@@ -9,19 +9,20 @@ from collections.abc import Sequence
 
 import yaml
 
-from models import get_spec
+from models import MODEL_SPECS, get_spec
 from scripts.repro import pipeline
-from scripts.repro.commands import Context, model_list, preamble, prepare
+from scripts.repro.context import ReproContext, model_list, preamble, prepare
 from scripts.repro.gamma import (Evaluated, evaluate_finetuned, evaluate_full, figure3,
                                  gamma_table, network_name, notes)
 from scripts.repro.released import (Finetuned, NotFoundError, base_checkpoint, parse_run_name,
                                     require_finetuned)
-from scripts.repro.stages import newest_checkpoint
+from scripts.repro.steps import newest_checkpoint
 from utils.checkpoint import read_checkpoint
 from utils.errors import UserError
-from utils.figures import save
-from utils.paper import paper_rows
-from utils.report import write_table
+from policies.policy_init import RANDOM, TORCHVISION, resolve_policy_init
+from scripts.repro.plots import save
+from scripts.repro.paper import paper_rows
+from scripts.repro.report import write_table
 
 SMOKE_GAMMAS = (2.0, 5.0)  # two γ: the tables and Figure 3 get more than one BlockDrop point
 
@@ -30,9 +31,25 @@ class ModelMismatchError(UserError, ValueError):
     """Checkpoints of different models were given to one comparison."""
 
 
-def train_all(ctx: Context, models: Sequence[str], gammas: Sequence[float] | None,
+def policy_init_problems(args: argparse.Namespace, default_models: Sequence[str]) -> list[str]:
+    """From scratch, the curriculum's starting weights of the policy (``--policy_init``,
+    else the torch hub cache for ImageNet models) must be there before any step runs."""
+    value = args.policy_init or (RANDOM if args.smoke else None)
+    if args.released or value == TORCHVISION:  # cl_training.py downloads them
+        return []
+    found = []
+    for model in args.models or (default_models[:1] if args.smoke else default_models):
+        if model in MODEL_SPECS:
+            try:
+                resolve_policy_init(get_spec(model), value)
+            except UserError as err:
+                found.append(str(err))
+    return found
+
+
+def train_all(ctx: ReproContext, models: Sequence[str], gammas: Sequence[float] | None,
               policy_init: str | None = None) -> tuple[list[Finetuned], dict[str, str]]:
-    """From scratch: every stage per model; returns the finetuned models and bases."""
+    """From scratch: every training step per model; returns the finetuned models and bases."""
     plan = ctx.plan(policy_init)
     found, bases = [], {}
     for model in models:
@@ -46,7 +63,7 @@ def train_all(ctx: Context, models: Sequence[str], gammas: Sequence[float] | Non
     return found, bases
 
 
-def evaluate_all(ctx: Context, found: Sequence[Finetuned], bases: dict[str, str | None]
+def evaluate_all(ctx: ReproContext, found: Sequence[Finetuned], bases: dict[str, str | None]
                  ) -> tuple[list[Evaluated], dict[str, Evaluated | None], list[str]]:
     evals = [evaluate_finetuned(ctx.evals, f, bases.get(f.model)) for f in found]
     fulls, missing = {}, []
@@ -58,7 +75,7 @@ def evaluate_all(ctx: Context, found: Sequence[Finetuned], bases: dict[str, str 
     return evals, fulls, missing
 
 
-def write_results(ctx: Context, name: str, title: str, paper_table: str | None,
+def write_results(ctx: ReproContext, name: str, title: str, paper_table: str | None,
                   models: Sequence[str], evals, fulls, extra_notes: Sequence[str]) -> None:
     table = gamma_table(title, models, evals, fulls, paper_table)
     table.notes = notes(ctx.evals, evals, ctx.args.smoke) + list(extra_notes)
@@ -71,7 +88,8 @@ def write_results(ctx: Context, name: str, title: str, paper_table: str | None,
 
 def run_gamma_table(args: argparse.Namespace, argv: Sequence[str], name: str,
                     default_models: Sequence[str]) -> None:
-    """table3 / table4: released checkpoints (``--released``) or every stage from scratch."""
+    """table3 / table4: released checkpoints (``--released``) or every training step from
+    scratch."""
     models = model_list(args.models, default_models[:1] if args.smoke else default_models)
     ctx = prepare(args, argv, models, train=not args.released)
     if args.released:
@@ -79,9 +97,9 @@ def run_gamma_table(args: argparse.Namespace, argv: Sequence[str], name: str,
         models = [m for m in models if any(f.model == m for f in found)]
         bases = {m: base_checkpoint(args.released, m) for m in models}
     else:
-        # cl_training.py's rule (item 5): torchvision weights from the hub cache by default;
+        # cl_training.py's rule: torchvision weights from the hub cache by default;
         # smoke runs never download and start the policy at random
-        init = args.policy_init or ("random" if args.smoke else None)
+        init = args.policy_init or (RANDOM if args.smoke else None)
         found, bases = train_all(ctx, models, args.gammas, init)
     evals, fulls, missing = evaluate_all(ctx, found, bases)
     write_results(ctx, name, f"{name[:1].upper()}{name[1:-1]} {name[-1]}: BlockDrop per γ "

@@ -13,8 +13,8 @@ import yaml
 
 from utils.errors import UserError
 
-PAPER_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "configs", "paper_results.yaml")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PAPER_RESULTS = os.path.join(ROOT, "configs", "paper_results.yaml")
 
 
 class PaperResultsError(UserError, ValueError):

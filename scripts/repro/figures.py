@@ -16,18 +16,19 @@ from torch.utils.data import DataLoader
 
 from models import get_spec
 from scripts.repro import pipeline
-from scripts.repro.commands import Context, preamble, prepare
+from scripts.repro.context import ReproContext, preamble, prepare
 from scripts.repro.gamma import depth
 from scripts.repro.released import gamma_text
 from scripts.repro.tables import NotFoundError, identify
 from utils.data import get_dataset
 from utils.engine import EvalResult, evaluate
 from utils.networks import Request, load_for_eval
-from utils.figures import (accuracy_by_blocks, dominant_policies, fewest_most_blocks,
+from utils.errors import UserError
+from scripts.repro.plots import (accuracy_by_blocks, dominant_policies, fewest_most_blocks,
                            keep_rates, pick_classes, save, usage_histogram)
 from models.flops import flop_table
-from utils.paper import paper_row
-from utils.report import Label, Metric, Table, write_table
+from scripts.repro.paper import paper_row
+from scripts.repro.report import Label, Metric, Table, write_table
 
 SUMMARY = (Label("network", "network"), Label("gamma", "γ"),
            Metric("accuracy", "accuracy (%)", ".2f"), Metric("usage", "blocks", ".2f", std=True),
@@ -81,8 +82,18 @@ def by_blocks_table(result: EvalResult) -> Table:
     return table
 
 
+def check_classes(classes: Sequence[int] | None, model: str) -> None:
+    """``--classes`` must be classes of the model (checked before the evaluation)."""
+    count = get_spec(model).num_classes
+    bad = [c for c in classes or [] if not 0 <= c < count]
+    if bad:
+        raise UserError(f"--classes {' '.join(map(str, bad))}: {model} has classes "
+                        f"0..{count - 1}")
+
+
 def run_figures(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if args.smoke and not args.load:
+        check_classes(args.classes, "R32_C10")
         ctx = prepare(args, argv, ["R32_C10"], train=True)
         runs = pipeline.blockdrop(ctx.plan(), "R32_C10", [5.0])
         item = identify(runs["finetuned"][5.0], None)
@@ -91,12 +102,13 @@ def run_figures(args: argparse.Namespace, argv: Sequence[str]) -> None:
         if not args.load:
             raise NotFoundError("figures needs --load <finetuned checkpoint>")
         item = identify(args.load, args.model)
+        check_classes(args.classes, item.model)
         ctx = prepare(args, argv, [item.model], train=False)
         base = args.base_ckpt
     draw(ctx, item.model, item.gamma, item.checkpoint, base)
 
 
-def draw(ctx: Context, model: str, gamma, checkpoint: str, base) -> None:
+def draw(ctx: ReproContext, model: str, gamma, checkpoint: str, base) -> None:
     spec = get_spec(model)
     args = ctx.args
     setup = load_for_eval(spec, Request(checkpoint, base))
