@@ -11,7 +11,7 @@ import cl_training
 import finetune
 import pretrain_resnet
 from models import build_resnet, get_model, get_spec
-from utils import engine
+from policies import blockdrop
 from utils.checkpoint import load_base_resnet, load_blockdrop_checkpoint, read_checkpoint
 
 
@@ -155,7 +155,7 @@ def test_amp_bf16_runs_on_cpu(tiny_data, tiny_args, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tiny_args, tmp_path,
                                                            monkeypatch, capsys):
-    real = engine.curriculum_loss
+    real = blockdrop.curriculum_loss
     calls = {"n": 0}
 
     def loss_that_turns_nan(*args, **kwargs):
@@ -163,7 +163,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tiny_args,
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] > 2 else value  # 2 batches per epoch
 
-    monkeypatch.setattr(engine, "curriculum_loss", loss_that_turns_nan)
+    monkeypatch.setattr(blockdrop, "curriculum_loss", loss_that_turns_nan)
     cv = tmp_path / "nan"
     with pytest.raises(SystemExit) as exit_info:
         cl_training.main(tiny_args(cv, "--base_ckpt", tiny_data["base"], "--max_epochs", "3"))
