@@ -25,14 +25,12 @@ median over repeats after warm-up:
   grouped execution forced, which is how its batch > 1 mode was chosen.
 
 CPU by default; ``--device cuda`` times with CUDA events. ``--channels-last``
-puts both networks in channels_last layout for every method (measured on CPU;
-UNMEASURED on a GPU); ``--bf16`` autocast is CUDA-only and UNMEASURED (no GPU
-was available).
+puts both networks in channels_last layout for every method (measured on the CPU,
+not yet on a GPU); ``--bf16`` autocast is CUDA-only and has not been measured.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import platform
@@ -59,6 +57,7 @@ from utils.stats import format_eval_block, policy_stats
 from utils.config import device_problems
 from utils.errors import UserError
 from utils.launch import describe
+from utils.amp import autocast
 from utils.timing import Clock, time_interleaved
 
 # blocks kept per image by the paper's models: R110 gamma=10 (16.9 of 54),
@@ -101,11 +100,9 @@ def setup(name: str, device: torch.device, seed: int, fast: FastOptions = OFF):
 
 
 # -- timing ------------------------------------------------------------------
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked (UNMEASURED: written without a GPU)."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def bf16_on(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when asked (utils.amp.autocast), else nothing."""
+    return autocast("bf16" if bf16 and device.type == "cuda" else "none", device)
 
 
 # -- part 1: inference -------------------------------------------------------
@@ -141,7 +138,7 @@ def bench_inference(name: str, batch: int, keep: int, repeats: int, warmup: int,
         "single": single_loop,
         "dynamic": each(lambda xs, ps: (fagent(xs), frnet.forward_dynamic(xs, ps))),
     }
-    with torch.inference_mode(), autocast(device, bf16):
+    with torch.inference_mode(), bf16_on(device, bf16):
         med = time_interleaved(fns, repeats, warmup, Clock(device), min_time)
     per_image = {m: med[m] / (n_single if m == "single" else images) for m in METHODS}
     table = flop_table(name)
@@ -432,7 +429,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fold", action="store_true",
                    help="inference copies keep BatchNorm separate (default: folded, as test.py)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast inference, CUDA only "
-                                                       "(UNMEASURED)")
+                                                       "(not measured yet)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="print the markdown report of a benchmark JSON (measures nothing)")

@@ -64,8 +64,6 @@ def _tracked_text_files() -> list[str]:
             and os.path.isfile(os.path.join(ROOT, p))]
 
 
-@pytest.mark.xfail(strict=False, reason="docstrings and comments of modules outside tests/ "
-                                        "still cite outside documents")
 def test_no_outside_references():
     hits = []
     for path in _tracked_text_files():
