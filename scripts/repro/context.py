@@ -45,7 +45,7 @@ def say(text: str) -> None:
 
 
 def dataset_of(models: Sequence[str]) -> str:
-    kinds = {get_spec(m).data.source for m in models}
+    kinds = {get_spec(m).data.kind for m in models}
     if len(kinds) != 1:
         raise DataError(f"the models {', '.join(models)} use different datasets; run them "
                         f"separately")
