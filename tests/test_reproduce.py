@@ -15,6 +15,7 @@ import test as test_script
 from helpers import make_cifar, pk_layout, randomize_bn
 from legacy_writer import legacy_state_dict, save_pytorch03
 from models import get_model
+from policies.registry import method_names
 from scripts import reproduce
 from scripts.repro.steps import StepError, make_step, run_step
 from scripts.repro.paper import paper_row, paper_rows
@@ -249,3 +250,27 @@ def test_table1_gamma_follows_the_paper():
     from scripts.repro.table1 import table1_gamma
     assert table1_gamma("R32_C10", None) == 5.0 and table1_gamma("R110_C10", None) == 10.0
     assert table1_gamma("R32_C100", None) == 5.0 and table1_gamma("R110_C10", 2.0) == 2.0
+
+
+def test_smoke_pareto_draws_every_method(tmp_path):
+    """Every registered method trained on generated data, swept and timed on one backbone."""
+    out = run_smoke("pareto", tmp_path, ["pareto.md", "pareto.csv", "pareto_flops.png",
+                                         "pareto_time.png"])
+    with open(out / "pareto.csv") as f:
+        drawn = {row["method"] for row in csv.DictReader(f)}
+    assert "full network" in drawn
+    for name in method_names():
+        assert any(m == name or m.startswith(f"{name} + ") for m in drawn), (name, drawn)
+
+
+def test_pareto_refuses_mixed_backbones_and_empty_run_folders(tmp_path):
+    a, b, empty = tmp_path / "a.t7", tmp_path / "b.t7", tmp_path / "empty_run"
+    torch.save({"model": "R32_C10", "agent": {}}, a)
+    torch.save({"model": "R110_C10", "agent": {}}, b)
+    empty.mkdir()
+    for paths, needle in (([a, b], "different models"), ([empty], "no ckpt_E_")):
+        proc = subprocess.run([sys.executable, "-m", "scripts.reproduce", "pareto",
+                               *map(str, paths), "--out", str(tmp_path / "out")], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and needle in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

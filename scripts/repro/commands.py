@@ -10,7 +10,7 @@ from typing import Any
 from collections.abc import Sequence
 
 from models import MODEL_SPECS
-from scripts.repro import figures, table1, table2, tables
+from scripts.repro import figures, pareto, table1, table2, tables
 
 GAMMA_TABLES = {"table3": ("R32_C10", "R110_C10"), "table4": ("R101_ImgNet",)}  # default models
 
@@ -122,6 +122,8 @@ COMMANDS: dict[str, Any] = {
                       _add_compare_args, _run_compare),
     "figures": ("Per-image views of one finetuned model: block usage, keep rates, Figures 4-5",
                 _add_figures_args, _run_figures),
+    "pareto": ("Every method on one backbone: accuracy against FLOPs and measured time",
+               pareto.add_args, pareto.run_pareto),
 }
 
 
@@ -131,6 +133,8 @@ def problems(args: argparse.Namespace) -> list[str]:
         return table2.keep_problems(args.keep or [])
     if args.name in GAMMA_TABLES:
         return tables.policy_init_problems(args, GAMMA_TABLES[args.name])
+    if args.name == "pareto":
+        return pareto.problems(args)
     return []
 
 

@@ -44,13 +44,15 @@ class EvalRequest:
     policy: str | None = None  # firstk, randomk, distributek (None: the checkpoint's policy)
     k: int | None = None
     seed: int | None = None
+    threshold: float | None = None  # a learned method's keep threshold (test.py --threshold)
 
     def argv(self) -> list[str]:
         out = ["--model", self.model, "--data_dir", self.data_dir,
                "--batch_size", str(self.batch_size), "--device", self.device,
                "--workers", str(self.workers)]
         for flag, value in (("--load", self.load), ("--base_ckpt", self.base_ckpt),
-                            ("--policy", self.policy), ("--k", self.k), ("--seed", self.seed)):
+                            ("--policy", self.policy), ("--k", self.k), ("--seed", self.seed),
+                            ("--threshold", self.threshold)):
             if value is not None:
                 out += [flag, str(value)]
         return out
@@ -67,9 +69,9 @@ def _fingerprint(path: str | None) -> list[int] | None:
 def data_fingerprint(model: str, data_dir: str) -> list[Any]:
     """Size and modification time of the model's test files under ``data_dir`` (CIFAR:
     the test batch and the meta file; ImageNet: every file under ``val/``, summed)."""
-    source = get_spec(model).data.source
-    if source in CIFAR_FILES:
-        cls = CIFAR_FILES[source]
+    kind = get_spec(model).data.kind
+    if kind in CIFAR_FILES:
+        cls = CIFAR_FILES[kind]
         folder = os.path.join(data_dir, cls.base_folder)
         names = [n for n, _ in cls.test_list] + [cls.meta["filename"]]
         return [[n, _fingerprint(os.path.join(folder, n))] for n in names]
@@ -110,7 +112,8 @@ def run_test(request: EvalRequest, json_path: str, log: str, force: bool = False
         if os.path.lexists(stale):
             os.remove(stale)
     say(f"[eval] {request.model} {request.load or '(base ResNet)'}"
-        + (f" --policy {request.policy} --k {request.k}" if request.policy else ""))
+        + (f" --policy {request.policy} --k {request.k}" if request.policy else "")
+        + (f" --threshold {request.threshold}" if request.threshold is not None else ""))
     error = call_script("test.py", argv, log)
     result = read_cache(json_path, _is_result) if error is None else None
     if error is None and result is None:

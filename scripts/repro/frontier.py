@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+TIE = 1e-9  # accuracies closer than this are equal (means over seeds round differently)
+
+
 def on_frontier(costs: Sequence[float], accuracies: Sequence[float]) -> list[bool]:
     """For each point, whether no other point dominates it (lower cost is better)."""
-    points = list(zip(costs, accuracies, strict=True))
+    points = [(c, round(a / TIE) * TIE) for c, a in zip(costs, accuracies, strict=True)]
     flags = []
     for c, a in points:
         dominated = any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for c2, a2 in points)

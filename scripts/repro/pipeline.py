@@ -147,3 +147,35 @@ def default_gammas(model: str) -> list[float]:
         except ValueError:
             continue
     return sorted(out)
+
+
+def method_configs(name: str, model: str) -> list[str]:
+    """A registered method's training configs for ``model``: ``configs/<name>/<model>.yaml``,
+    or its steps ``configs/<name>/<model>_<step>.yaml`` in name order."""
+    single = os.path.join(CONFIGS, name, f"{model}.yaml")
+    if os.path.isfile(single):
+        return [single]
+    return sorted(glob.glob(os.path.join(CONFIGS, name, f"{model}_*.yaml")))
+
+
+def method_run(plan: Plan, model: str, name: str, base: str, curriculum_ckpt: str | None,
+               gamma: float = 5.0) -> str:
+    """One finetuning run of the registered method ``name`` from the base network, with
+    its configs (each later step continuing from the previous step's checkpoint via
+    ``--load``); without configs of its own, BlockDrop's finetuning schedule with
+    ``--agent name``. Returns the last step's final checkpoint."""
+    configs = method_configs(name, model)
+    previous = None
+    for i, config in enumerate(configs or [finetune_config(model, gamma)]):
+        step_name = f"{name} {model}" + (f" step {i + 1}" if len(configs) > 1 else "")
+        folder = os.path.join(plan.cv_root, "methods", f"{model}_{name}"
+                              + (f"_{i + 1}" if len(configs) > 1 else ""))
+        opts = _common(plan, model, "finetune.py", folder)
+        opts.update(base_ckpt=base, pretrained="")
+        if not configs:
+            opts.update(agent=name, penalty=-float(gamma))
+        if previous is not None:
+            opts.update(load=previous)
+        previous = _run(plan, make_step(step_name, "finetune.py", config, opts,
+                                        _log(plan, step_name)))
+    return previous

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib
+import importlib.util
 import os
 import re
 import shlex
@@ -187,6 +188,24 @@ def _wait(child: subprocess.Popen, grace: float = 60.0) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def entry_point(script: str):
+    """The root script ``script`` (``test.py``, ...) as a module: this repository's file,
+    also when the repository is not on ``sys.path`` (``test`` would otherwise be the
+    standard library's package)."""
+    name = os.path.splitext(script)[0]
+    module = sys.modules.get(name)
+    if module is not None and os.path.dirname(os.path.abspath(
+            getattr(module, "__file__", "") or "")) == ROOT:
+        return module
+    if ROOT in sys.path:
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def call_script(script: str, argv: Sequence[str], log: str) -> str | None:
     """Run ``<script>.main(argv)`` in this process with its output appended to ``log``;
     returns None on success, else the error it ended with."""
@@ -195,7 +214,7 @@ def call_script(script: str, argv: Sequence[str], log: str) -> str | None:
             contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         print(f"$ {shlex.join(['python', script, *argv])}", flush=True)
         try:
-            importlib.import_module(os.path.splitext(script)[0]).main(list(argv))
+            entry_point(script).main(list(argv))
         except SystemExit as err:
             if err.code in (None, 0):
                 return None
