@@ -284,3 +284,15 @@ def test_bad_input_is_one_line(tiny_data, tiny_args, tmp_path, capsys):
             method.source(spec, threshold=threshold)
     assert method.source(spec, k=K).k == K
 
+
+
+@pytest.mark.parametrize("name", ["R32_C10", "R110_C10"])
+def test_the_configs_resolve_through_finetune_py(name):
+    from utils.config import check_common, method_problems, resolve
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "configs", "stochastic_depth", f"{name}.yaml")
+    args = resolve(finetune.build_parser(), ["--config", path])
+    assert (args.model, args.stochastic_depth, args.batch_size) == (name, 0.5, 128)
+    assert check_common(args) == [] and method_problems(args) == []
+    assert chosen_method(args).name == "stochastic_depth"
