@@ -1,0 +1,271 @@
+"""ONNX export of a BlockDrop model: decisions and dynamic execution in one graph
+(paper Sec. 3.1, 4.3; docs/export.md).
+
+An exported model takes a batch of images and returns ``(logits, policy)``:
+the logits of the ResNet run under the model's decisions and the (B, K) uint8
+keep policy it ran. It is built from two parts:
+
+* a **decision** (:class:`Decision`): where the keep/drop decisions come from.
+  :class:`PolicyNetDecision` is BlockDrop's policy network, greedy (keep block k
+  iff ``sigmoid(logit_k) >= 0.5``, Sec. 3.3); :class:`FixedDecision` a constant
+  keep vector (Table 1's FirstK, RandomK, DistributeK), whose dropped blocks are
+  simply absent from the graph; :class:`SeqDecision` BlockDrop-seq's gates,
+  where gate t decides from the input of block t (supplement, ``models.seq``).
+  Another method is one more subclass.
+* the **backbone** (:class:`ExportedBlockDrop`): the ResNet (an inference copy,
+  BatchNorm folded, ``models.fast``) run block by block. For a block decided per
+  image the rows that keep it are found (``NonZero``), gathered (``Gather``), run
+  through the block and written back into the residual (``ScatterND``); every
+  other row passes its residual on. So a block is computed only for the images
+  that keep it, at any batch size, and a block kept by no image runs on an empty
+  tensor (ONNX Runtime handles 0-row convolutions).
+
+:func:`export_onnx` writes such a module with ``torch.onnx.export`` and records
+in the file's ``metadata_props`` what it is (:data:`METADATA_KEYS`).
+:func:`read_metadata` and :func:`check_metadata` read and check them back
+without ONNX Runtime. This module imports only torch, onnx and ``models``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fast import FastOptions, inference_copy
+from .resnet import FlatResNet
+
+# the opset the exporter writes by default (ONNX Runtime 1.17+ runs it)
+DEFAULT_OPSET = 18
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "policy")
+# what metadata_props records; model and input_size are checked before a file is used
+METADATA_KEYS = ("blockdrop.model", "blockdrop.method", "blockdrop.input_size",
+                 "blockdrop.num_blocks", "blockdrop.num_classes", "blockdrop.opset",
+                 "blockdrop.kept_blocks", "blockdrop.mean", "blockdrop.std")
+
+
+class ExportError(ValueError):
+    """An ONNX file that is not one, or not the model it is expected to be."""
+
+
+# -- (a) decisions -----------------------------------------------------------------
+class Decision(nn.Module):
+    """Where the decisions of an exported model come from.
+
+    ``begin(x)`` runs once on the images and returns whatever ``keep`` needs (a
+    one-shot decision: the whole (B, K) bool policy). ``keep(t, h, state)`` is the
+    (B,) bool decision for block ``t``, given ``h``, the input of block t. A
+    decision that is the same for every image sets ``fixed`` (K bools): the graph
+    then holds only the kept blocks and no per-image machinery.
+    """
+
+    method: str = ""
+    fixed: tuple[bool, ...] | None = None
+
+    def begin(self, x: torch.Tensor):
+        return None
+
+    def keep(self, t: int, h: torch.Tensor, state) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PolicyNetDecision(Decision):
+    """BlockDrop: the policy network looks at the image once; greedy policy
+    ``u_k = 1`` iff ``s_k >= 0.5`` (Sec. 3.3, as ``utils.rewards.greedy_policy``)."""
+
+    method = "blockdrop"
+
+    def __init__(self, agent: nn.Module):
+        super().__init__()
+        self.agent = agent
+
+    def begin(self, x: torch.Tensor) -> torch.Tensor:
+        probs, _ = self.agent(x)
+        return probs >= 0.5
+
+    def keep(self, t: int, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return state[:, t]
+
+
+class FixedDecision(Decision):
+    """The same K keep flags for every image (FirstK, RandomK, DistributeK, Table 1)."""
+
+    def __init__(self, method: str, vector: Sequence[float] | torch.Tensor):
+        super().__init__()
+        self.method = method
+        self.fixed = tuple(bool(v) for v in torch.as_tensor(vector).reshape(-1).tolist())
+
+
+class SeqDecision(Decision):
+    """BlockDrop-seq (supplement, ``models.seq``): before block t, gate t reads the
+    global-average-pooled input of block t; keep iff ``logit_keep > logit_drop``."""
+
+    method = "seq"
+
+    def __init__(self, agent: nn.Module):
+        super().__init__()
+        self.agent = agent
+
+    def keep(self, t: int, h: torch.Tensor, state) -> torch.Tensor:
+        logits = self.agent.gates[t](h.mean((2, 3)))
+        return logits[:, 1] > logits[:, 0]
+
+
+# -- (b) the backbone, block by block ------------------------------------------------
+class ExportedBlockDrop(nn.Module):
+    """``forward(images) -> (logits, policy)``: the ResNet run under ``decision``,
+    each per-image block on the rows that keep it only."""
+
+    def __init__(self, rnet: FlatResNet, decision: Decision):
+        super().__init__()
+        if decision.fixed is not None and len(decision.fixed) != rnet.num_blocks:
+            raise ValueError(f"the fixed policy has {len(decision.fixed)} flags, the ResNet "
+                             f"{rnet.num_blocks} blocks")
+        self.rnet = rnet
+        self.decision = decision
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rnet, decision = self.rnet, self.decision
+        state = decision.begin(x)
+        h = rnet.stem(x)
+        columns = []
+        for t in range(rnet.num_blocks):
+            residual = rnet.residual(t, h)
+            if decision.fixed is not None:
+                if decision.fixed[t]:
+                    h = self._block(t, h, residual)
+                else:
+                    h = residual
+                continue
+            keep = decision.keep(t, h, state)
+            columns.append(keep)
+            h = self._rows(t, h, residual, keep)
+        logits = rnet.head(h)
+        if decision.fixed is not None:
+            flags = torch.tensor(decision.fixed, dtype=torch.uint8, device=x.device)
+            policy = flags.expand(x.shape[0], rnet.num_blocks)
+        elif state is not None and isinstance(state, torch.Tensor):
+            policy = state.to(torch.uint8)
+        else:
+            policy = torch.stack(columns, 1).to(torch.uint8)
+        return logits, policy
+
+    def _block(self, t: int, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """A kept block on every row of ``h``: relu(residual + F(h))."""
+        return F.relu(self.rnet.block(t)(h) + residual)
+
+    def _rows(self, t: int, h: torch.Tensor, residual: torch.Tensor,
+              keep: torch.Tensor) -> torch.Tensor:
+        """Block ``t`` on the rows of ``h`` where ``keep`` (B,) is true, written into
+        ``residual``; the other rows keep their residual."""
+        rows = torch.nonzero(keep).reshape(-1)
+        hs = h.index_select(0, rows)
+        res = hs if residual is h else residual.index_select(0, rows)
+        return residual.index_copy(0, rows, self._block(t, hs, res))
+
+
+def exportable(rnet: FlatResNet, decision: Decision) -> ExportedBlockDrop:
+    """An :class:`ExportedBlockDrop` on eval-mode inference copies (BatchNorm folded,
+    NCHW) of ``rnet`` and of the decision's network; the originals are untouched."""
+    fast = FastOptions(fold_bn=True, channels_last=False)
+    rnet = inference_copy(rnet.eval(), fast, torch.device("cpu"))
+    decision = copy.deepcopy(decision)
+    if getattr(decision, "agent", None) is not None:
+        decision.agent = inference_copy(decision.agent.eval(), fast, torch.device("cpu"))
+    return ExportedBlockDrop(rnet, decision).eval()
+
+
+# -- writing and reading files --------------------------------------------------------
+def export_onnx(module: ExportedBlockDrop, path: str, *, model: str, input_size: int,
+                opset: int = DEFAULT_OPSET, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> dict[str, str]:
+    """Write ``module`` to ``path`` as one self-contained ONNX file with a dynamic batch
+    dimension (``torch.onnx.export``, the ``torch.export``-based exporter) and its
+    metadata (:data:`METADATA_KEYS`); returns the metadata. ``mean``/``std``: the
+    normalisation the model expects of its input (None: raw [0, 1] pixels)."""
+    import onnx
+
+    x = torch.rand(2, 3, input_size, input_size)
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(module, (x,), None, input_names=[INPUT_NAME],
+                                    output_names=list(OUTPUT_NAMES), opset_version=opset,
+                                    dynamo=True, dynamic_shapes=({0: "batch"},),
+                                    external_data=False, verbose=False)
+    proto = program.model_proto
+    decision = module.decision
+    kept = decision.fixed
+    meta = {
+        "blockdrop.model": model,
+        "blockdrop.method": decision.method,
+        "blockdrop.input_size": str(input_size),
+        "blockdrop.num_blocks": str(module.rnet.num_blocks),
+        "blockdrop.num_classes": str(module.rnet.fc.out_features),
+        "blockdrop.opset": str(opset),
+        "blockdrop.kept_blocks": ("per image" if kept is None else
+                                  ",".join(str(t) for t, k in enumerate(kept) if k)),
+        "blockdrop.mean": "none" if mean is None else ",".join(f"{v:.6g}" for v in mean),
+        "blockdrop.std": "none" if std is None else ",".join(f"{v:.6g}" for v in std),
+    }
+    onnx.helper.set_model_props(proto, meta)
+    proto.producer_name = "blockdrop"
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+    try:
+        onnx.save_model(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return meta
+
+
+class _quiet:
+    """Silence the exporter's progress lines on stdout (it prints them unasked)."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self._redirect = contextlib.redirect_stdout(io.StringIO())
+        self._redirect.__enter__()
+
+    def __exit__(self, *exc):
+        return self._redirect.__exit__(*exc)
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The ``metadata_props`` of the ONNX file ``path`` (weights not loaded);
+    ExportError if it is not an ONNX model."""
+    import onnx
+
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: no such ONNX file")
+    try:
+        proto = onnx.load_model(path, load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf raises several types on bad bytes
+        raise ExportError(f"{path} is not an ONNX model ({type(err).__name__})") from None
+    if not proto.graph.node:
+        raise ExportError(f"{path} is not an ONNX model (no graph)")
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def check_metadata(path: str, model: str, input_size: int) -> dict[str, str]:
+    """The metadata of ``path``, after checking that it is an exported BlockDrop model
+    of ``model`` taking ``input_size`` x ``input_size`` images (ExportError if not)."""
+    meta = read_metadata(path)
+    if "blockdrop.model" not in meta:
+        raise ExportError(f"{path} is an ONNX model but not an exported BlockDrop model "
+                          f"(no blockdrop.model metadata; export it with scripts.export)")
+    problems = []
+    if meta["blockdrop.model"] != model:
+        problems.append(f"model {meta['blockdrop.model']}, expected {model}")
+    if meta.get("blockdrop.input_size") != str(input_size):
+        problems.append(f"input size {meta.get('blockdrop.input_size')}, expected {input_size}")
+    if problems:
+        raise ExportError(f"{path} does not match: " + "; ".join(problems))
+    return meta
