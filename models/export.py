@@ -45,7 +45,8 @@ OUTPUT_NAMES = ("logits", "policy")
 # what metadata_props records; model and input_size are checked before a file is used
 METADATA_KEYS = ("blockdrop.model", "blockdrop.method", "blockdrop.input_size",
                  "blockdrop.num_blocks", "blockdrop.num_classes", "blockdrop.opset",
-                 "blockdrop.kept_blocks", "blockdrop.mean", "blockdrop.std")
+                 "blockdrop.kept_blocks", "blockdrop.mean", "blockdrop.std",
+                 "blockdrop.policy_flops")
 
 
 class ExportError(ValueError):
@@ -182,11 +183,13 @@ def exportable(rnet: FlatResNet, decision: Decision) -> ExportedBlockDrop:
 # -- writing and reading files --------------------------------------------------------
 def export_onnx(module: ExportedBlockDrop, path: str, *, model: str, input_size: int,
                 opset: int = DEFAULT_OPSET, mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None) -> dict[str, str]:
+                std: Sequence[float] | None = None,
+                extra: dict[str, str] | None = None) -> dict[str, str]:
     """Write ``module`` to ``path`` as one self-contained ONNX file with a dynamic batch
     dimension (``torch.onnx.export``, the ``torch.export``-based exporter) and its
     metadata (:data:`METADATA_KEYS`); returns the metadata. ``mean``/``std``: the
-    normalisation the model expects of its input (None: raw [0, 1] pixels)."""
+    normalisation the model expects of its input (None: raw [0, 1] pixels); ``extra``:
+    more ``blockdrop.*`` entries (e.g. ``blockdrop.policy_flops``)."""
     import onnx
 
     x = torch.rand(2, 3, input_size, input_size)
@@ -209,6 +212,7 @@ def export_onnx(module: ExportedBlockDrop, path: str, *, model: str, input_size:
                                   ",".join(str(t) for t, k in enumerate(kept) if k)),
         "blockdrop.mean": "none" if mean is None else ",".join(f"{v:.6g}" for v in mean),
         "blockdrop.std": "none" if std is None else ",".join(f"{v:.6g}" for v in std),
+        **(extra or {}),
     }
     onnx.helper.set_model_props(proto, meta)
     proto.producer_name = "blockdrop"
