@@ -199,6 +199,7 @@ def export_onnx(module: ExportedBlockDrop, path: str, *, model: str, input_size:
                                     dynamo=True, dynamic_shapes=({0: "batch"},),
                                     external_data=False, verbose=False)
     proto = program.model_proto
+    index_rows_directly(proto)
     decision = module.decision
     kept = decision.fixed
     meta = {
@@ -226,6 +227,82 @@ def export_onnx(module: ExportedBlockDrop, path: str, *, model: str, input_size:
         if os.path.exists(tmp):
             os.remove(tmp)
     return meta
+
+
+def index_rows_directly(proto) -> int:
+    """Let each block's gather and scatter take the (n, 1) row indices that
+    ``Transpose(NonZero(keep))`` gives: ``Gather(x, Reshape(idx, [-1]))`` becomes
+    ``GatherND(x, idx)`` and ``ScatterND(base, Unsqueeze(Reshape(idx, [-1]), -1), rows)``
+    takes ``idx`` itself; the reshapes, now unused, are removed. The same values with
+    three nodes fewer per block (ONNX Runtime pays a few microseconds per node, which
+    is what batch 1 costs). Returns how many nodes were rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                       for d in v.type.tensor_type.shape.dim]
+              for v in list(graph.value_info) + list(graph.output)}
+
+    def flat_of(name: str, through: str) -> str | None:
+        """The (n, 1) row indices that ``name`` flattens (via ``through`` nodes and
+        Reshape(-1)), or None."""
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Reshape", through):
+            if node.op_type == "Reshape":
+                target = consts.get(node.input[1])
+                if target is None or target.tolist() != [-1]:
+                    return None
+            elif node.op_type == "Unsqueeze":
+                axes = consts.get(node.input[1]) if len(node.input) > 1 else None
+                if axes is None or axes.tolist() not in ([-1], [1]):
+                    return None
+            name = node.input[0]
+            node = producer.get(name)
+        if (node is None or node.op_type != "Transpose"
+                or list(node.attribute[0].ints) != [1, 0]
+                or producer.get(node.input[0]) is None
+                or producer[node.input[0]].op_type != "NonZero"
+                or shapes.get(node.output[0], [None, None])[1:] != [1]):
+            return None
+        return name
+
+    rewritten = 0
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Gather" and all(a.i == 0 for a in node.attribute if a.name == "axis"):
+            idx = flat_of(node.input[1], through="Reshape")
+            if idx is not None:
+                graph.node[i].CopyFrom(helper.make_node("GatherND", [node.input[0], idx],
+                                                        list(node.output), name=node.name))
+                rewritten += 1
+        elif node.op_type == "ScatterND" and producer.get(node.input[1]) is not None \
+                and producer[node.input[1]].op_type == "Unsqueeze":
+            idx = flat_of(node.input[1], through="Unsqueeze")
+            if idx is not None:
+                node.input[1] = idx
+                rewritten += 1
+    _remove_dead_nodes(graph)
+    return rewritten
+
+
+def _remove_dead_nodes(graph) -> None:
+    """Drop nodes none of whose outputs is used (repeatedly), keeping graph outputs, then
+    the initializers and shape records of values no longer there."""
+    while True:
+        used = {name for node in graph.node for name in node.input}
+        used |= {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            produced = {o for node in graph.node for o in node.output}
+            for field, names in ((graph.initializer, used), (graph.value_info, produced)):
+                kept = [v for v in field if v.name in names]
+                del field[:]
+                field.extend(kept)
+            return
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        del graph.node[:]
+        graph.node.extend(keep)
 
 
 class _quiet:

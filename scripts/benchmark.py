@@ -815,22 +815,28 @@ def render(result: dict) -> str:
 
 
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+# a run of the onnx part alone has its own place on the page
+ONNX_BEGIN, ONNX_END = "<!-- benchmark:onnx:begin -->", "<!-- benchmark:onnx:end -->"
 
 
 def render_into(json_path: str, doc: str | None) -> None:
     """Print the report of ``json_path``, or replace the part of ``doc`` between the
-    BEGIN and END markers with it."""
+    BEGIN and END markers with it (ONNX_BEGIN and ONNX_END for a run of the onnx part
+    alone)."""
     with open(json_path) as f:
-        text = render(json.load(f))
+        result = json.load(f)
+    text = render(result)
     if doc is None:
         print(text, end="")
         return
+    onnx_only = [p for p in PARTS if p in result] == ["onnx"]
+    begin, end = (ONNX_BEGIN, ONNX_END) if onnx_only else (BEGIN, END)
     with open(doc) as f:
         page = f.read()
-    if BEGIN not in page or END not in page:
-        sys.exit(f"benchmark: error: {doc} has no {BEGIN} ... {END} markers")
-    head, rest = page.split(BEGIN, 1)
-    page = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
+    if begin not in page or end not in page:
+        sys.exit(f"benchmark: error: {doc} has no {begin} ... {end} markers")
+    head, rest = page.split(begin, 1)
+    page = head + begin + "\n" + text + end + rest.split(end, 1)[1]
     with open(doc, "w") as f:
         f.write(page)
 
