@@ -206,3 +206,27 @@ def test_script_refuses_an_existing_out(tmp_path, capsys):
     line = error_line(export_script.main, ["--model", "R32_C10", "--out", str(out)], capsys)
     assert "exists; pass --force" in line
     assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.slow
+def test_benchmark_onnx_part_smoke(tmp_path):
+    """``python -m scripts.benchmark --parts onnx --quick``: rows, ratios and the profile,
+    rendered between the page's onnx markers."""
+    from scripts import benchmark
+
+    out = tmp_path / "onnx.json"
+    data = benchmark.main(["--parts", "onnx", "--quick", "--repeats", "1", "--warmup", "1",
+                           "--onnx-batches", "1", "3", "--single-images", "2", "--out", str(out)])
+    rows = data["onnx"]
+    assert [(r["model"], r["batch"], r["images"]) for r in rows] == [("R32_C10", 1, 2),
+                                                                      ("R32_C10", 3, 3)]
+    for r in rows:
+        assert all(v > 0 for v in r["ms_per_image"].values())
+        assert 1.0 < r["flop_bound"] and r["share_of_bound"] > 0
+    ops = rows[0]["ops"]["dynamic"]["kernel_ms_per_image"]
+    assert {"Conv", "NonZero", "GatherND", "ScatterND"} <= set(ops)
+    page = tmp_path / "page.md"
+    page.write_text("x\n<!-- benchmark:onnx:begin -->\nold\n<!-- benchmark:onnx:end -->\ny\n")
+    benchmark.main(["--render", str(out), "--doc", str(page)])
+    text = page.read_text()
+    assert "old" not in text and "| R32_C10 | 3 |" in text and text.endswith("y\n")
