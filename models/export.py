@@ -200,6 +200,7 @@ def export_onnx(module: ExportedBlockDrop, path: str, *, model: str, input_size:
                                     external_data=False, verbose=False)
     proto = program.model_proto
     index_rows_directly(proto)
+    split_rows_once(proto)
     decision = module.decision
     kept = decision.fixed
     meta = {
@@ -282,6 +283,75 @@ def index_rows_directly(proto) -> int:
             if idx is not None:
                 node.input[1] = idx
                 rewritten += 1
+    _remove_dead_nodes(graph)
+    return rewritten
+
+
+def split_rows_once(proto) -> int:
+    """For a one-shot policy P (B, K), find the row indices of every block in one go:
+    the per-block ``Transpose(NonZero(Gather(P, t, axis=1)))`` become the outputs of
+    one ``Split`` of the rows of ``NonZero(Transpose(P))`` (block-major, rows ascending
+    within a block: the same indices) by the per-block counts ``ReduceSum(P, axis 0)``.
+    Three nodes fewer per block. Returns the number of blocks rewritten (0 when the
+    graph has no such pattern, e.g. BlockDrop-seq, whose decisions come block by block)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                       for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
+    found: dict[str, dict[int, str]] = {}  # policy tensor -> {block: its (n, 1) indices}
+    first_use: dict[str, int] = {}
+    position = {id(node): i for i, node in enumerate(graph.node)}
+    for node in graph.node:
+        if node.op_type != "Transpose" or list(node.attribute[0].ints) != [1, 0]:
+            continue
+        nonzero = producer.get(node.input[0])
+        if nonzero is None or nonzero.op_type != "NonZero":
+            continue
+        column = producer.get(nonzero.input[0])
+        if column is None or column.op_type != "Gather" or \
+                [a.i for a in column.attribute if a.name == "axis"] != [1]:
+            continue
+        t = consts.get(column.input[1])
+        policy = column.input[0]
+        shape = shapes.get(policy)
+        if t is None or t.ndim != 0 or shape is None or len(shape) != 2 or shape[1] is None:
+            continue
+        found.setdefault(policy, {})[int(t)] = node.output[0]
+        first_use[policy] = min(first_use.get(policy, len(position)), position[id(column)])
+    rewritten = 0
+    for policy, blocks in found.items():
+        k = shapes[policy][1]
+        names = {key: f"{policy}_rows_{key}" for key in ("t", "nz", "row", "rows", "int",
+                                                          "counts")}
+        one = f"{policy}_rows_one"
+        axes = f"{policy}_rows_axes"
+        graph.initializer.extend([numpy_helper.from_array(np.array(1, np.int64), one),
+                                  numpy_helper.from_array(np.array([1], np.int64), axes)])
+        outputs = [f"{policy}_rows_of_{t}" for t in range(k)]
+        nodes = [
+            helper.make_node("Transpose", [policy], [names["t"]], perm=[1, 0]),
+            helper.make_node("NonZero", [names["t"]], [names["nz"]]),
+            helper.make_node("Gather", [names["nz"], one], [names["row"]], axis=0),
+            helper.make_node("Unsqueeze", [names["row"], axes], [names["rows"]]),
+            helper.make_node("Cast", [names["t"]], [names["int"]], to=TensorProto.INT64),
+            helper.make_node("ReduceSum", [names["int"], axes], [names["counts"]],
+                             keepdims=0),
+            helper.make_node("Split", [names["rows"], names["counts"]], outputs, axis=0),
+        ]
+        at = first_use[policy]
+        order = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(order[:at] + nodes + order[at:])
+        renamed = {old: outputs[t] for t, old in blocks.items()}
+        for node in graph.node:
+            for j, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[j] = renamed[name]
+        rewritten += len(blocks)
     _remove_dead_nodes(graph)
     return rewritten
 
