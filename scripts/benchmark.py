@@ -800,7 +800,7 @@ def render(result: dict) -> str:
         parts.append(format_curriculum(result["curriculum"]))
     if result.get("onnx"):
         parts.append("ONNX Runtime on the CPU (`--parts onnx`, docs/export.md): the exported "
-                     "BlockDrop model (policy network, NonZero/Gather/ScatterND per block) "
+                     "BlockDrop model (policy network, rows gathered and scattered per block) "
                      "against the exported full ResNet; batch 1 runs "
                      + ", ".join(f"{r['images']} images ({r['model']})"
                                  for r in result["onnx"] if r["batch"] == 1)
