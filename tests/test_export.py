@@ -226,7 +226,7 @@ def test_benchmark_onnx_part_smoke(tmp_path):
     ops = rows[0]["ops"]["dynamic"]["kernel_ms_per_image"]
     assert {"Conv", "NonZero", "GatherND", "ScatterND"} <= set(ops)
     page = tmp_path / "page.md"
-    page.write_text("x\n<!-- benchmark:onnx:begin -->\nold\n<!-- benchmark:onnx:end -->\ny\n")
+    page.write_text("x\n<!-- benchmark:onnx:begin -->\nSTALE\n<!-- benchmark:onnx:end -->\ny\n")
     benchmark.main(["--render", str(out), "--doc", str(page)])
     text = page.read_text()
-    assert "old" not in text and "| R32_C10 | 3 |" in text and text.endswith("y\n")
+    assert "STALE" not in text and "| R32_C10 | 3 |" in text and text.endswith("y\n")
