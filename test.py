@@ -40,7 +40,8 @@ from utils.engine import evaluate
 from utils.budget import BudgetChoice, BudgetError, held_out_split, threshold_for_budget
 from utils.launch import error_path
 from utils.networks import Request, Setup, load_for_eval
-from utils.stats import format_eval_block
+from utils.onnx_eval import check_onnx, evaluate_onnx, per_image_flops
+from utils.stats import format_eval_block, policy_stats
 
 PROG = "test.py"
 
@@ -84,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training images held out to choose the --budget threshold")
     p.add_argument("--budget_seed", type=int, default=0,
                    help="which training images are held out for --budget")
+    p.add_argument("--onnx", default=None, metavar="FILE.onnx",
+                   help="evaluate a model exported by python -m scripts.export with ONNX Runtime "
+                        "(CPU) instead of a checkpoint (docs/export.md)")
     p.add_argument("--out", default=None,
                    help="also write the statistics to this JSON file (must not exist)")
     p.add_argument("--batch_size", type=int, default=256)
@@ -98,6 +102,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         p.error(f"--workers must be >= 0, got {args.workers}")
+    if args.onnx is not None:
+        given = [f for f in ("load", "policy", "k", "threshold", "budget")
+                 if getattr(args, f) is not None]
+        if given:
+            p.error(f"--onnx evaluates the exported file, which holds its networks and "
+                    f"decisions; leave out --{', --'.join(given)}")
+        if args.masked or args.device != "cpu":
+            p.error("--onnx runs ONNX Runtime on the CPU; leave out --masked and --device")
     if args.threshold is not None and args.budget is not None:
         p.error("--threshold and --budget both set the threshold; give one")
     if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
@@ -160,6 +172,26 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def evaluate_exported(args: argparse.Namespace, spec: ModelSpec, loader: DataLoader) -> None:
+    """``--onnx``: the same block and JSON from ONNX Runtime's run of the exported file."""
+    meta = check_onnx(args.onnx, spec)
+    print("loading checkpoints")
+    policies, matches, _ = evaluate_onnx(args.onnx, spec, loader)
+    flops = per_image_flops(meta, flop_table(spec.name), policies)
+    stats = policy_stats(policies, matches)
+    print(format_eval_block(stats, flops))
+    if args.out:
+        write_json({"model": spec.name, "policy": meta.get("blockdrop.method"), "k": None,
+                    "checkpoint": None, "onnx": args.onnx, "base_ckpt": None,
+                    "data_dir": args.data_dir, "num_images": int(matches.numel()),
+                    "accuracy": stats.accuracy, "block_usage_mean": stats.block_usage,
+                    "block_usage_std": stats.block_usage_std,
+                    "flops_mean": float(np.mean(flops)), "flops_std": float(np.std(flops)),
+                    "unique_policies": stats.unique_policies,
+                    "full_flops": flop_table(spec.name).full_resnet,
+                    "batch_size": args.batch_size, "device": "cpu (ONNX Runtime)"}, args.out)
+
+
 def evaluate_checkpoint(args: argparse.Namespace) -> None:
     """Load the networks, the policy source and the test set; evaluate; print the block."""
     spec = get_spec(args.model)
@@ -167,6 +199,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     testset = get_dataset(spec, args.data_dir, train=False, download=args.download)
     loader = DataLoader(testset, batch_size=args.batch_size, shuffle=False,
                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    if args.onnx is not None:
+        return evaluate_exported(args, spec, loader)
     request = Request(args.load, args.base_ckpt, args.policy, args.k, args.seed, args.threshold)
     print("loading checkpoints")  # the authors' test.py, as are the "loaded ... from" lines
     setup = load_for_eval(spec, request, loader, device, log, say=print)

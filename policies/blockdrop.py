@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from models import FlatResNet, ModelSpec, PolicyNet, build_policy
+from models.export import PolicyNetDecision
 from models.flops import flop_table
 from utils.amp import autocast
 from utils.checkpoint import init_policy
@@ -172,6 +173,10 @@ class BlockDrop(Method):
         logits = torch.logit(probs.double().clamp(1e-12, 1 - 1e-12))
         cut = torch.quantile(logits, 1.0 - keep_fraction, dim=0)
         agent.logit.bias.sub_(cut.to(agent.logit.bias))
+
+    def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
+                        source: PolicySource) -> nn.Module:
+        return PolicyNetDecision(agent, source.threshold)
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:

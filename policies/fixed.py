@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec
+from models.export import FixedDecision
 from utils.amp import autocast
 from utils.dist import wrap
 
@@ -178,6 +179,11 @@ class FixedRule(Method):
         def step(inputs, targets, noise, cl_step):
             return fixed_policy_train_step(ddp_rnet, vector, inputs, targets, amp=args.amp)
         return ddp_rnet, step
+
+    def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
+                        source: PolicySource) -> nn.Module:
+        """The static sub-network: the dropped blocks are absent from the graph."""
+        return FixedDecision(source.name, source.vector)
 
     def record(self, source: PolicySource) -> dict[str, Any]:
         return {"fixed_policy": {"name": source.name, "k": source.k, "seed": source.seed}}

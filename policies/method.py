@@ -130,6 +130,12 @@ class Method:
         """The test-time decisions of ``agent`` (or of the rule with ``k``/``seed``)."""
         raise NotImplementedError
 
+    def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
+                        source: PolicySource) -> nn.Module:
+        """The decisions of ``source`` as a :class:`models.export.Decision` for an ONNX
+        graph (``python -m scripts.export``): one-shot (``begin``) or per block (``keep``)."""
+        raise PolicySourceError(f"the {self.name} method does not export to ONNX")
+
     def record(self, source: PolicySource) -> dict[str, Any]:
         """Entries a stage checkpoint stores besides the networks."""
         return {"agent_type": self.name}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet
 from models.dynamic import chunk_size, gather, write_rows
+from models.export import Decision
 from utils.amp import autocast
 from utils.dist import wrap
 
@@ -223,6 +224,25 @@ def seq_train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     return StepOutput(loss, match, sampled.policy, reward_sampled)
 
 
+class SeqDecision(Decision):
+    """BlockDrop-seq in an exported graph: before block t, gate t reads the
+    global-average-pooled input of block t; keep iff ``logit_keep > logit_drop`` (or
+    ``s_t >= threshold``)."""
+
+    method = "seq"
+
+    def __init__(self, agent: SeqAgent, threshold: float | None = None):
+        super().__init__()
+        self.agent = agent
+        self.threshold = threshold
+
+    def keep(self, t: int, h: torch.Tensor, state) -> torch.Tensor:
+        logits = self.agent.gates[t](h.mean((2, 3)))
+        if self.threshold is not None:
+            return F.softmax(logits, dim=1)[:, 1] >= self.threshold
+        return logits[:, 1] > logits[:, 0]
+
+
 class BlockDropSeq(Method):
     """BlockDrop-seq (supplement, Table 2): gates decide block by block while the
     ResNet runs."""
@@ -274,6 +294,10 @@ class BlockDropSeq(Method):
             keep = (gate(pooled).argmax(1) == 1).to(h.dtype).view(-1, 1, 1, 1)
             residual = rnet.residual(t, h)
             h = rnet.run_block(t, h, residual) * keep + residual * (1 - keep)
+
+    def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
+                        source: PolicySource) -> nn.Module:
+        return SeqDecision(agent, source.threshold)
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:

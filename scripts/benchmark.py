@@ -24,6 +24,12 @@ median over repeats after warm-up:
   sources' ``run`` (what evaluation uses); BlockDrop-seq also with masked and
   grouped execution forced, which is how its batch > 1 mode was chosen.
 
+* onnx (``--parts onnx``, not in the default run; docs/export.md): time per image
+  of the exported model (``models.export``) under ONNX Runtime on the CPU, the
+  policy network included, against the exported full ResNet, at batch 1, 32 and
+  256; the speedup against the FLOP bound, and where the time goes per operator
+  type (ONNX Runtime's profiler).
+
 CPU by default; ``--device cuda`` times with CUDA events. ``--channels-last``
 puts both networks in channels_last layout for every method (measured on the CPU,
 not yet on a GPU); ``--bf16`` autocast is CUDA-only and has not been measured.
@@ -31,6 +37,7 @@ not yet on a GPU); ``--bf16`` autocast is CUDA-only and has not been measured.
 from __future__ import annotations
 
 import argparse
+import json
 import datetime
 import os
 import platform
@@ -46,6 +53,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models import FlatResNet, PolicyNet, get_model, get_spec
 from policies.registry import build_source, get_method
 from policies.seq import MODES, SeqAgent, build_seq_agent, seq_pass
+from models.export import FixedDecision, PolicyNetDecision, export_onnx, exportable
 from models.fast import OFF, FastOptions, inference_copy
 from policies.blockdrop import curriculum_train_step
 from scripts.cli import OneLineParser, count_problem, file_problem, guarded, number_problem
@@ -58,6 +66,7 @@ from utils.config import device_problems
 from utils.errors import UserError
 from utils.launch import describe
 from utils.amp import autocast
+from utils.onnx_eval import open_session
 from utils.timing import Clock, time_interleaved
 
 # blocks kept per image by the paper's models: R110 gamma=10 (16.9 of 54),
@@ -66,7 +75,8 @@ DEFAULT_KEEP = {"R110_C10": 17, "R32_C10": 7, "R101_ImgNet": 25}
 # images timed one at a time (batch 1, and the forward_single loop): CIFAR, ImageNet
 SINGLE_IMAGES, SINGLE_IMAGES_LARGE = 32, 8
 DEFAULT_BATCHES = {"R110_C10": (1, 32, 256), "R32_C10": (1, 32, 256), "R101_ImgNet": (1, 32)}
-PARTS = ("inference", "profile", "eval", "curriculum", "seq")
+PARTS = ("inference", "profile", "eval", "curriculum", "seq", "onnx")
+DEFAULT_PARTS = ("inference", "profile", "eval", "curriculum", "seq")  # onnx: when asked
 METHODS = ("full_eager", "full", "masked", "single", "dynamic")
 # the models.dynamic.section names the profile part collects (plus "stage <s> blocks")
 SECTIONS = ("policy transfer", "stem", "shortcuts", "gather", "scatter", "head")
@@ -379,6 +389,119 @@ def format_seq(rows: list[dict]) -> str:
     return "\n".join([head, "-" * len(head)] + [_seq_line(r) for r in rows])
 
 
+# -- part 5: ONNX Runtime --------------------------------------------------------
+ONNX_MODELS = ("R110_C10",)
+ONNX_BATCHES = (1, 32, 256)
+ONNX_METHODS = ("full", "dynamic")
+
+
+def bench_onnx(name: str, batches: Sequence[int], keep: int, repeats: int, warmup: int,
+               seed: int = 0, single_images: int = 32, min_time: float = 0.0,
+               level: str = "all") -> list[dict]:
+    """Per-image times under ONNX Runtime (CPU, ``torch.get_num_threads()`` intra-op
+    threads) of two exports of the same random networks: the full ResNet (every block,
+    no policy) and BlockDrop (policy network calibrated to keep about ``keep`` blocks,
+    rows gathered per block). One row per batch size; batch 1 runs ``single_images``
+    images one at a time. The FLOP bound counts the policies the exported model took."""
+    import tempfile
+
+
+    spec, gen, (rnet, agent), _ = setup(name, torch.device("cpu"), seed)
+    calib = torch.rand(256, 3, spec.image_size, spec.image_size, generator=gen)
+    calibrate_agent(agent, calib, keep / rnet.num_blocks)
+    threads = torch.get_num_threads()
+    table = flop_table(name)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"full": f"{tmp}/full.onnx", "dynamic": f"{tmp}/dynamic.onnx"}
+        export_onnx(exportable(rnet, FixedDecision("full", [1] * rnet.num_blocks)),
+                    paths["full"], model=name, input_size=spec.image_size)
+        export_onnx(exportable(rnet, PolicyNetDecision(agent)), paths["dynamic"], model=name,
+                    input_size=spec.image_size)
+        sessions = {m: open_session(paths[m], threads, level) for m in ONNX_METHODS}
+        for batch in batches:
+            images = single_images if batch == 1 else batch
+            x = torch.rand(images, 3, spec.image_size, spec.image_size, generator=gen).numpy()
+            chunks = [x[i:i + batch] for i in range(0, images, batch)]
+            fns = {m: (lambda s=s, cs=chunks: [s.run(None, {"images": c}) for c in cs])
+                   for m, s in sessions.items()}
+            med = time_interleaved(fns, repeats, warmup, Clock(torch.device("cpu")), min_time)
+            policy = torch.cat([torch.from_numpy(out[1]) for out in fns["dynamic"]()])
+            bound = table.full_resnet / float(table.per_image(policy).double().mean())
+            per_image = {m: med[m] / images for m in ONNX_METHODS}
+            speedup = per_image["full"] / per_image["dynamic"]
+            row = {"model": name, "batch": batch, "images": images, "keep": keep,
+                   "num_blocks": rnet.num_blocks, "threads": threads, "level": level,
+                   "blocks_used": float(policy.double().sum(1).mean()),
+                   "ms_per_image": {m: 1e3 * t for m, t in per_image.items()},
+                   "speedup": speedup, "flop_bound": bound, "share_of_bound": speedup / bound}
+            if batch == 1:
+                row["ops"] = {m: onnx_op_profile(paths[m], chunks, threads, level, tmp)
+                              for m in ONNX_METHODS}
+            rows.append(row)
+            print(format_onnx(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def onnx_op_profile(path: str, chunks: list, threads: int, level: str,
+                    folder: str) -> dict:
+    """Where ONNX Runtime spends the time of one pass over ``chunks``: kernel ms per
+    image by operator type (its profiler), the nodes run per image, and the wall
+    time per image under the profiler."""
+
+    session = open_session(path, threads, level, profile_prefix=f"{folder}/profile")
+    for c in chunks:  # a warm-up pass; its events are left out below
+        session.run(None, {"images": c})
+    start = time.perf_counter()
+    for c in chunks:
+        session.run(None, {"images": c})
+    wall = time.perf_counter() - start
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    warm_end = runs[len(chunks) - 1]["ts"] + runs[len(chunks) - 1]["dur"]
+    ms: dict[str, float] = {}
+    nodes = 0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > warm_end:
+            op = e["args"]["op_name"]
+            ms[op] = ms.get(op, 0.0) + e["dur"] * 1e-3
+            nodes += 1
+    images = sum(c.shape[0] for c in chunks)
+    return {"kernel_ms_per_image": {k: v / images for k, v in
+                                    sorted(ms.items(), key=lambda kv: -kv[1])},
+            "nodes_per_image": nodes / images, "wall_ms_per_image": 1e3 * wall / images}
+
+
+def format_onnx(rows: list[dict]) -> str:
+    head = ["model", "batch", "blocks used", "full ms/img", "BlockDrop ms/img", "speedup",
+            "FLOP bound", "share of bound"]
+    out = [[r["model"], str(r["batch"]), f"{r['blocks_used']:.1f}/{r['num_blocks']}",
+            f"{r['ms_per_image']['full']:.3f}", f"{r['ms_per_image']['dynamic']:.3f}",
+            f"{r['speedup']:.2f}x", f"{r['flop_bound']:.2f}x",
+            f"{100 * r['share_of_bound']:.0f}%"] for r in rows]
+    return _table(head, out)
+
+
+def format_onnx_ops(r: dict, top: int = 8) -> str:
+    """The profiler's view of a batch-1 row: kernel ms per image by operator type."""
+    if "ops" not in r:
+        return ""
+    ops = r["ops"]
+    names = list(dict.fromkeys(k for m in ONNX_METHODS
+                               for k in list(ops[m]["kernel_ms_per_image"])[:top]))
+    rows = [[n] + [f"{ops[m]['kernel_ms_per_image'].get(n, 0.0):.3f}" for m in ONNX_METHODS]
+            for n in names]
+    rows.append(["all kernels"] + [f"{sum(ops[m]['kernel_ms_per_image'].values()):.3f}"
+                                   for m in ONNX_METHODS])
+    rows.append(["wall (profiled)"] + [f"{ops[m]['wall_ms_per_image']:.3f}"
+                                       for m in ONNX_METHODS])
+    rows.append(["nodes run"] + [f"{ops[m]['nodes_per_image']:.0f}" for m in ONNX_METHODS])
+    title = (f"{r['model']}, batch 1, ONNX Runtime profiler: kernel ms per image by "
+             "operator type")
+    return title + "\n\n" + _table(["operator", "full", "BlockDrop"], rows)
+
+
 # -- command line ------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m scripts.benchmark", allow_abbrev=False,
@@ -401,7 +524,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--parts", nargs="+", default=list(DEFAULT_PARTS), choices=PARTS,
+                   help="what to time (default: %(default)s; onnx only when named)")
+    p.add_argument("--onnx-models", nargs="+", default=list(ONNX_MODELS),
+                   help="models of the onnx part (default: %(default)s)")
+    p.add_argument("--onnx-batches", nargs="+", type=int, default=list(ONNX_BATCHES),
+                   help="batch sizes of the onnx part (default: %(default)s)")
+    p.add_argument("--onnx-level", default="all",
+                   choices=("disable", "basic", "extended", "all"),
+                   help="ONNX Runtime graph optimisation level (default: %(default)s)")
     p.add_argument("--profile-models", nargs="+", default=["R110_C10", "R32_C10"])
     p.add_argument("--profile-batches", nargs="+", type=int, default=[32, 256])
     p.add_argument("--seq-models", nargs="+", default=list(SEQ_MODELS),
@@ -450,7 +581,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                   ("--seq-models", "seq_models", ["R32_C10"]),
                                   ("--seq-batches", "seq_batches", [1, 4]),
                                   ("--seq-images", "seq_images", 4),
-                                  ("--profile-batches", "profile_batches", [8])):
+                                  ("--profile-batches", "profile_batches", [8]),
+                                  ("--onnx-models", "onnx_models", ["R32_C10"]),
+                                  ("--onnx-batches", "onnx_batches", [1, 4])):
             if flag not in given:
                 setattr(args, dest, value)
     _validate(p, args)
@@ -459,7 +592,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in args.models + args.eval_models + args.profile_models + [args.cl_model] + \
-            args.seq_models:
+            args.seq_models + args.onnx_models:
         try:
             get_spec(name)
         except ValueError as err:
@@ -476,7 +609,8 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if not 0 <= int(value) <= k:
             p.error(f"--keep {name}: N must be in [0, {k}] (K of {name}), got {value}")
         keep[name] = int(value)
-    for name in args.models + args.eval_models + args.seq_models + args.profile_models:
+    for name in args.models + args.eval_models + args.seq_models + args.profile_models + \
+            args.onnx_models:
         if name not in keep:
             p.error(f"no default keep count for {name}; pass --keep {name}=N")
     args.keep_counts = keep
@@ -494,6 +628,8 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--seq-batches must be at least 1, got {args.seq_batches}")
     if args.batch_sizes is not None and min(args.batch_sizes) < 1:
         p.error(f"--batch-sizes must be at least 1, got {args.batch_sizes}")
+    if min(args.onnx_batches) < 1:
+        p.error(f"--onnx-batches must be at least 1, got {args.onnx_batches}")
     if min(args.profile_batches) < 1:
         p.error(f"--profile-batches must be at least 1, got {args.profile_batches}")
     if args.threads is not None and args.threads < 1:
@@ -644,6 +780,16 @@ def render(result: dict) -> str:
         parts.append(format_eval(r) + ":\n\n```\n" + r["printed"].strip("\n") + "\n```")
     if "curriculum" in result:
         parts.append(format_curriculum(result["curriculum"]))
+    if result.get("onnx"):
+        parts.append("ONNX Runtime on the CPU (`--parts onnx`, docs/export.md): the exported "
+                     "BlockDrop model (policy network, rows gathered and scattered per block) "
+                     "against the exported full ResNet; batch 1 runs "
+                     + ", ".join(f"{r['images']} images ({r['model']})"
+                                 for r in result["onnx"] if r["batch"] == 1)
+                     + " one at a time:\n\n" + format_onnx(result["onnx"]))
+        for r in result["onnx"]:
+            if r["batch"] == 1:
+                parts.append(format_onnx_ops(r))
     if result.get("seq"):
         parts.append("Table 2, BlockDrop vs BlockDrop-seq (networks as built):\n\n```\n"
                      + format_seq(result["seq"]) + "\n```")
@@ -651,23 +797,28 @@ def render(result: dict) -> str:
 
 
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+# a run of the onnx part alone has its own place on the page
+ONNX_BEGIN, ONNX_END = "<!-- benchmark:onnx:begin -->", "<!-- benchmark:onnx:end -->"
 
 
 def render_into(json_path: str, doc: str | None) -> None:
     """Print the report of ``json_path``, or replace the part of ``doc`` between the
-    BEGIN and END markers with it."""
+    BEGIN and END markers with it (ONNX_BEGIN and ONNX_END for a run of the onnx part
+    alone)."""
     result = read_json(json_path, "pass a JSON written by python -m scripts.benchmark --out",
                        lambda d: {"machine", "settings", "argv"} <= set(d))
     text = render(result)
     if doc is None:
         print(text, end="")
         return
+    onnx_only = [p for p in PARTS if p in result] == ["onnx"]
+    begin, end = (ONNX_BEGIN, ONNX_END) if onnx_only else (BEGIN, END)
     with open(doc, encoding="utf-8") as f:
         page = f.read()
-    if BEGIN not in page or END not in page:
-        raise UserError(f"{doc} has no {BEGIN} ... {END} markers")
-    head, rest = page.split(BEGIN, 1)
-    write_text(doc, head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
+    if begin not in page or end not in page:
+        raise UserError(f"{doc} has no {begin} ... {end} markers")
+    head, rest = page.split(begin, 1)
+    write_text(doc, head + begin + "\n" + text + end + rest.split(end, 1)[1])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -737,6 +888,17 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
         result["seq"] = rows
         print("Table 2, BlockDrop vs BlockDrop-seq, greedy decisions, networks included "
               f"(median of {args.repeats}):\n" + format_seq(rows) + "\n")
+    if "onnx" in args.parts:
+        rows = []
+        for name in args.onnx_models:
+            rows += bench_onnx(name, args.onnx_batches, args.keep_counts[name], args.repeats,
+                               args.warmup, args.seed, args.single_images
+                               or default_single_images(name), args.min_time, args.onnx_level)
+        result["onnx"] = rows
+        print("ONNX Runtime (CPU), exported models, policy network included (median of "
+              f"{args.repeats}):\n{format_onnx(rows)}\n")
+        for r in rows:
+            print(format_onnx_ops(r) + "\n")
     if args.out:
         write_json(args.out, result)
     return result

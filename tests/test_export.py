@@ -1,0 +1,256 @@
+"""ONNX export (models.export, scripts.export, utils.onnx_eval): ONNX Runtime gives the
+policies, predictions and logits of PyTorch at batch 1 and 5, for BlockDrop (blocks kept
+by every row, by none and by some) and each fixed heuristic; files load with
+onnxruntime alone; bad input ends in one line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import test as test_script
+from helpers import error_line, printed_block, randomize_bn
+from models import get_model, get_spec
+from models.export import (ExportError, FixedDecision, PolicyNetDecision, check_metadata,
+                           export_onnx, exportable, read_metadata)
+from models.flops import flop_table
+from policies.blockdrop import AgentSource
+from policies.fixed import FixedSource, fixed_vector
+from policies.seq import SeqDecision, SeqSource, build_seq_agent
+from scripts import export as export_script
+from utils.onnx_eval import OnnxModelError, evaluate_onnx
+from utils.stats import format_eval_block, policy_stats
+
+SPEC = get_spec("R32_C10")
+ALL, NONE = range(0, 4), range(4, 8)  # blocks the biased policy keeps for every / no image
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _ort(path: str, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return tuple(session.run(None, {"images": x.numpy()}))
+
+
+def _compare(path: str, rnet, source, x: torch.Tensor) -> np.ndarray:
+    """ONNX Runtime on ``x`` against ``source.run`` in PyTorch: the same policy and
+    predictions, logits to float rounding. Returns the policy."""
+    logits, policy = _ort(path, x)
+    with torch.no_grad():
+        ref_logits, ref_policy = source.run(rnet, x)
+    assert policy.dtype == np.uint8 and policy.shape == (x.shape[0], SPEC.num_blocks)
+    np.testing.assert_array_equal(policy, ref_policy.numpy().astype(np.uint8))
+    np.testing.assert_array_equal(logits.argmax(1), ref_logits.argmax(1).numpy())
+    scale = float(ref_logits.abs().max())
+    np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-5 * max(scale, 1.0), rtol=0)
+    return policy
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    rnet, agent = get_model("R32_C10")
+    randomize_bn(rnet)
+    randomize_bn(agent, seed=1)
+    agent.eval()
+    with torch.no_grad():  # blocks 0-3 kept by every image, 4-7 by none, the rest per image:
+        agent.logit.weight.mul_(20.0)  # cut halfway between the 2nd and 3rd image of a batch
+        logits = torch.logit(agent(_images(5, 10))[0].double()).sort(0).values
+        agent.logit.bias.sub_(((logits[1] + logits[2]) / 2).float())
+        agent.logit.bias[list(ALL)] = 1e4
+        agent.logit.bias[list(NONE)] = -1e4
+    return rnet.eval(), agent
+
+
+@pytest.fixture(scope="module")
+def blockdrop_onnx(nets, tmp_path_factory):
+    rnet, agent = nets
+    path = str(tmp_path_factory.mktemp("onnx") / "blockdrop.onnx")
+    meta = export_onnx(exportable(rnet, PolicyNetDecision(agent)), path, model="R32_C10",
+                       input_size=32, mean=SPEC.mean, std=SPEC.std)
+    return path, meta
+
+
+def test_blockdrop_matches_pytorch_at_batch_1_and_5(nets, blockdrop_onnx):
+    rnet, agent = nets
+    path, meta = blockdrop_onnx
+    source = AgentSource(agent, flop_table("R32_C10").policy)
+    policies = [_compare(path, rnet, source, _images(1, seed)) for seed in range(4)]
+    policies.append(_compare(path, rnet, source, _images(5, 10)))
+    batch = policies[-1]
+    assert batch[:, list(ALL)].all() and not batch[:, list(NONE)].any()
+    # some blocks are kept by some rows of the batch and dropped by others
+    mixed = [t for t in range(8, SPEC.num_blocks) if 0 < batch[:, t].sum() < 5]
+    assert mixed, batch
+    assert meta["blockdrop.method"] == "blockdrop" and meta["blockdrop.num_blocks"] == "15"
+    assert meta["blockdrop.kept_blocks"] == "per image"
+
+
+def test_fixed_heuristics_export_the_static_subnetwork(nets, tmp_path):
+    import onnx
+
+    rnet, _ = nets
+    for name in ("randomk", "distributek"):  # firstk: through the script, below
+        vector = fixed_vector(name, SPEC.layers, 5, seed=3)
+        path = str(tmp_path / f"{name}.onnx")
+        meta = export_onnx(exportable(rnet, FixedDecision(name, vector)), path,
+                           model="R32_C10", input_size=32)
+        source = FixedSource(name, vector, 3)
+        for x in (_images(1, 0), _images(5, 1)):
+            policy = _compare(path, rnet, source, x)
+            assert (policy == vector.numpy().astype(np.uint8)).all()
+        ops = [n.op_type for n in onnx.load(path).graph.node]
+        assert "NonZero" not in ops and "ScatterND" not in ops
+        assert ops.count("Conv") == 1 + 2 * 5  # the stem and the kept blocks only
+        kept = ",".join(str(t) for t in vector.nonzero().view(-1).tolist())
+        assert (meta["blockdrop.method"], meta["blockdrop.kept_blocks"]) == (name, kept)
+
+
+@pytest.mark.slow
+def test_seq_matches_pytorch(nets, tmp_path):
+    rnet, _ = nets
+    torch.manual_seed(1)
+    agent = build_seq_agent(SPEC).eval()
+    with torch.no_grad():
+        agent.gates[1].bias.copy_(torch.tensor([0.0, 1e4]))
+        agent.gates[2].bias.copy_(torch.tensor([1e4, 0.0]))
+        for gate in agent.gates:
+            gate.weight.mul_(50.0)
+    path = str(tmp_path / "seq.onnx")
+    export_onnx(exportable(rnet, SeqDecision(agent)), path, model="R32_C10", input_size=32)
+    for x in (_images(1, 0), _images(5, 1)):
+        policy = _compare(path, rnet, SeqSource(agent), x)
+        assert policy[:, 1].all() and not policy[:, 2].any()
+
+
+def test_file_runs_with_onnxruntime_alone(blockdrop_onnx, tmp_path):
+    """A fresh interpreter outside the project (isolated mode: no cwd, no PYTHONPATH)
+    runs the file with onnxruntime and numpy only."""
+    path, _ = blockdrop_onnx
+    code = ("import sys, numpy as np, onnxruntime as ort\n"
+            "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+            "meta = s.get_modelmeta().custom_metadata_map\n"
+            "x = np.zeros((3, 3, 32, 32), np.float32)\n"
+            "logits, policy = s.run(None, {'images': x})\n"
+            "assert 'models' not in sys.modules and 'utils' not in sys.modules\n"
+            "print(meta['blockdrop.model'], logits.shape, policy.shape)\n")
+    out = subprocess.run([sys.executable, "-I", "-c", code, path], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "R32_C10 (3, 10) (3, 15)"
+
+
+def test_evaluate_onnx_feeds_the_statistics(nets, blockdrop_onnx):
+    rnet, agent = nets
+    path, _ = blockdrop_onnx
+    x, y = _images(6, 2), torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(0))
+    policies, matches, logits = evaluate_onnx(path, SPEC, DataLoader(TensorDataset(x, y),
+                                                                     batch_size=4))
+    assert policies.dtype == torch.uint8 and policies.shape == (6, 15)
+    assert matches.shape == (6,) and logits.shape == (6, 10)
+    with torch.no_grad():
+        ref_logits, ref_policy = AgentSource(agent, 0).run(rnet, x)
+    assert torch.equal(policies, ref_policy.to(torch.uint8))
+    assert torch.equal(matches, (ref_logits.argmax(1) == y).float())
+    block = format_eval_block(policy_stats(policies, matches), [1] * 6)
+    assert "Unique Policies" in block
+
+
+def test_metadata_mismatch_and_bad_files(blockdrop_onnx, tmp_path):
+    path, _ = blockdrop_onnx
+    assert read_metadata(path)["blockdrop.input_size"] == "32"
+    with pytest.raises(OnnxModelError, match=r"blockdrop\.onnx does not match: model R32_C10, "
+                                             r"expected R110_C10"):
+        evaluate_onnx(path, get_spec("R110_C10"), [])
+    with pytest.raises(ExportError, match="input size 32, expected 224"):
+        check_metadata(path, "R32_C10", 224)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00 this is not a model \xff" * 10)
+    with pytest.raises(OnnxModelError, match="junk.onnx is not an ONNX model"):
+        evaluate_onnx(str(junk), SPEC, [])
+    with pytest.raises(OnnxModelError, match="no such ONNX file"):
+        evaluate_onnx(str(tmp_path / "missing.onnx"), SPEC, [])
+
+
+def test_script_exports_and_checks_a_fixed_policy(tiny_data, tmp_path, capsys):
+    out = tmp_path / "firstk.onnx"
+    result = export_script.main(["--model", "R32_C10", "--policy", "firstk", "--k", "4",
+                                 "--base_ckpt", tiny_data["base"], "--out", str(out),
+                                 "--check", "--check_images", "3"])
+    check = result["check"]
+    assert check["same_policies"] and check["same_predictions"]
+    assert check["max_logit_diff"] <= 1e-4 * max(check["max_logit"], 1.0)
+    assert result["metadata"]["blockdrop.kept_blocks"] == "0,1,2,3"
+    assert "policies identical: True" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--model", "R999"], "unknown model 'R999'"),
+    (["--model", "R32_C10", "--load", "missing.t7"], "--load missing.t7: no such checkpoint"),
+    (["--model", "R32_C10", "--policy", "firstk"], "--policy firstk needs --k"),
+    (["--model", "R32_C10", "--policy", "firstk", "--k", "99"], "--k must be an integer between"),
+])
+def test_script_bad_input_is_one_line(argv, expected, tiny_data, tmp_path, capsys):
+    argv = argv + ["--out", str(tmp_path / "m.onnx"), "--base_ckpt", tiny_data["base"]]
+    line = error_line(export_script.main, argv, capsys)
+    assert line.startswith("scripts.export: error: ") and expected in line, line
+
+
+def test_script_refuses_an_existing_out(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"keep me")
+    line = error_line(export_script.main, ["--model", "R32_C10", "--out", str(out)], capsys)
+    assert "exists; pass --force" in line
+    assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.slow
+def test_benchmark_onnx_part_smoke(tmp_path):
+    """``python -m scripts.benchmark --parts onnx --quick``: rows, ratios and the profile,
+    rendered between the page's onnx markers."""
+    from scripts import benchmark
+
+    out = tmp_path / "onnx.json"
+    data = benchmark.main(["--parts", "onnx", "--quick", "--repeats", "1", "--warmup", "1",
+                           "--onnx-batches", "1", "3", "--single-images", "2", "--out", str(out)])
+    rows = data["onnx"]
+    assert [(r["model"], r["batch"], r["images"]) for r in rows] == [("R32_C10", 1, 2),
+                                                                      ("R32_C10", 3, 3)]
+    for r in rows:
+        assert all(v > 0 for v in r["ms_per_image"].values())
+        assert 1.0 < r["flop_bound"] and r["share_of_bound"] > 0
+    ops = rows[0]["ops"]["dynamic"]["kernel_ms_per_image"]
+    assert {"Conv", "NonZero", "GatherND", "ScatterND"} <= set(ops)
+    page = tmp_path / "page.md"
+    page.write_text("x\n<!-- benchmark:onnx:begin -->\nSTALE\n<!-- benchmark:onnx:end -->\ny\n")
+    benchmark.main(["--render", str(out), "--doc", str(page)])
+    text = page.read_text()
+    assert "STALE" not in text and "| R32_C10 | 3 |" in text and text.endswith("y\n")
+
+
+def test_test_py_onnx_prints_the_block_of_the_checkpoint(nets, tiny_data, tmp_path, capsys):
+    """Export through the command line, then test.py --onnx against test.py --load."""
+    rnet, agent = nets
+    ckpt = str(tmp_path / "bd.t7")
+    torch.save({"agent": agent.state_dict(), "resnet": rnet.state_dict(), "model": "R32_C10",
+                "agent_type": "blockdrop"}, ckpt)
+    onnx = str(tmp_path / "bd.onnx")
+    export_script.main(["--model", "R32_C10", "--load", ckpt, "--out", onnx])
+    common = ["--model", "R32_C10", "--data_dir", tiny_data["data_dir"], "--workers", "0",
+              "--batch_size", "3"]
+    capsys.readouterr()
+    test_script.main([*common, "--load", ckpt, "--out", str(tmp_path / "torch.json")])
+    torch_block = printed_block(capsys.readouterr().out)
+    test_script.main([*common, "--onnx", onnx, "--out", str(tmp_path / "onnx.json")])
+    assert printed_block(capsys.readouterr().out) == torch_block
+    line = error_line(test_script.main, [*common, "--onnx", onnx, "--load", ckpt], capsys)
+    assert "--onnx" in line and "--load" in line
+    line = error_line(test_script.main, [*common[:1], "R110_C10", *common[2:], "--onnx", onnx],
+                      capsys)
+    assert onnx in line and "R32_C10" in line
