@@ -291,7 +291,9 @@ def test_bad_flags_give_one_line(tiny_data, tiny_args, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["R32_C10", "R110_C10", "R101_ImgNet"])
 def test_configs_resolve_to_a_valid_skipnet_run(name):
     from utils.config import method_problems, resolve
-    args = resolve(finetune.build_parser(), ["--config", f"configs/skipnet/{name}.yaml"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "configs", "skipnet", f"{name}.yaml")
+    args = resolve(finetune.build_parser(), ["--config", path])
     assert (args.model, args.agent, args.skip_phase) == (name, "skipnet", "hrl")
     assert args.skip_alpha == (0.01 if name == "R101_ImgNet" else 0.1)
     assert method_problems(args) == []
