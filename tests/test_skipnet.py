@@ -1,5 +1,6 @@
 """SkipNet (ECCV 2018): the gates' equations, real skipping, training steps, checkpoints."""
 import glob
+import json
 import math
 import os
 
@@ -297,3 +298,15 @@ def test_configs_resolve_to_a_valid_skipnet_run(name):
     assert (args.model, args.agent, args.skip_phase) == (name, "skipnet", "hrl")
     assert args.skip_alpha == (0.01 if name == "R101_ImgNet" else 0.1)
     assert method_problems(args) == []
+
+
+def test_test_py_without_a_checkpoint_runs_every_block_and_counts_the_gates(tiny_data, tmp_path,
+                                                                           capsys):
+    test_script.main(["--model", "R32_C10", "--data_dir", tiny_data["data_dir"], "--base_ckpt",
+                      tiny_data["base"], "--policy", "skipnet", "--workers", "0", "--device",
+                      "cpu", "--out", str(tmp_path / "full.json")])
+    capsys.readouterr()
+    with open(tmp_path / "full.json") as f:
+        stats = json.load(f)
+    assert stats["policy"] == "skipnet" and stats["block_usage_mean"] == 15
+    assert stats["flops_mean"] == flop_table("R32_C10").full_resnet + 32600
