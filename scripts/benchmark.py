@@ -51,7 +51,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from models import FlatResNet, PolicyNet, get_model, get_spec
-from policies.registry import build_source, get_method
+from policies.registry import build_source, get_method, method_names
 from policies.seq import MODES, SeqAgent, build_seq_agent, seq_pass
 from models.export import FixedDecision, PolicyNetDecision, export_onnx, exportable
 from models.fast import OFF, FastOptions, inference_copy
@@ -75,8 +75,8 @@ DEFAULT_KEEP = {"R110_C10": 17, "R32_C10": 7, "R101_ImgNet": 25}
 # images timed one at a time (batch 1, and the forward_single loop): CIFAR, ImageNet
 SINGLE_IMAGES, SINGLE_IMAGES_LARGE = 32, 8
 DEFAULT_BATCHES = {"R110_C10": (1, 32, 256), "R32_C10": (1, 32, 256), "R101_ImgNet": (1, 32)}
-PARTS = ("inference", "profile", "eval", "curriculum", "seq", "onnx")
-DEFAULT_PARTS = ("inference", "profile", "eval", "curriculum", "seq")  # onnx: when asked
+PARTS = ("inference", "profile", "eval", "curriculum", "seq", "methods", "onnx")
+DEFAULT_PARTS = ("inference", "profile", "eval", "curriculum", "seq", "methods")  # onnx: asked
 METHODS = ("full_eager", "full", "masked", "single", "dynamic")
 # the models.dynamic.section names the profile part collects (plus "stage <s> blocks")
 SECTIONS = ("policy transfer", "stem", "shortcuts", "gather", "scatter", "head")
@@ -389,6 +389,71 @@ def format_seq(rows: list[dict]) -> str:
     return "\n".join([head, "-" * len(head)] + [_seq_line(r) for r in rows])
 
 
+# -- part 6: every registered method ------------------------------------------------
+METHOD_MODELS = ("R32_C10", "R110_C10")
+METHOD_BATCHES = (1, 32)
+
+
+def bench_methods(name: str, batch: int, keep: int, repeats: int, warmup: int,
+                  device: torch.device, seed: int = 0, min_time: float = 0.0,
+                  images: int = 32) -> dict:
+    """Time per image of the full ResNet and of every registered learned method (its
+    source's ``run``: what test.py runs, on inference copies), each calibrated on random
+    weights to keep about ``keep`` blocks per image (``Method.calibrate``); all run the
+    same ``max(batch, images)`` images in batches of ``batch``, interleaved."""
+    spec, gen, (rnet, _), _ = setup(name, device, seed)
+    count = max(batch, images)
+    x = torch.rand(count, 3, spec.image_size, spec.image_size, generator=gen).to(device)
+    chunks = x.split(batch)
+    calib = torch.rand(64, 3, spec.image_size, spec.image_size, generator=gen).to(device)
+    fast_rnet = inference_copy(rnet, device=device)
+    fns = {"full": lambda: [fast_rnet.forward_full(c) for c in chunks]}
+    sources, skipped = {}, []
+    for method_name in method_names(learned=True):
+        method = get_method(method_name)
+        agent = method.build(spec).to(device).eval()
+        try:
+            method.calibrate(agent, rnet, calib, keep / rnet.num_blocks, gen)
+        except NotImplementedError:
+            skipped.append(method_name)
+            continue
+        source = method.source(spec, agent).eval().for_inference(device=device)
+        sources[method_name] = source
+        fns[method_name] = lambda source=source: [source.run(fast_rnet, c) for c in chunks]
+    table = flop_table(name)
+    with torch.inference_mode():
+        med = time_interleaved(fns, repeats, warmup, Clock(device), min_time)
+        policies = {m: torch.cat([p for _, p in fns[m]()]).cpu() for m in sources}
+    flops = {m: float(table.per_image(p, include_policy=False).double().mean())
+             + sources[m].policy_flops for m, p in policies.items()}
+    ms = {m: 1e3 * med[m] / count for m in fns}
+    return {
+        "model": name, "batch": batch, "images": count, "keep": keep, "skipped": skipped,
+        "blocks_used": {m: float(p.sum(1).mean()) for m, p in policies.items()},
+        "ms_per_image": ms, "flops": flops,
+        "of_flop_bound": {m: (ms["full"] / ms[m]) / (table.full_resnet / flops[m])
+                          for m in sources},
+    }
+
+
+def format_methods(rows: list[dict]) -> str:
+    head = ("model        batch | method        blocks   FLOPs/img | ms/image   speed-up  "
+            "of FLOP bound")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ms = r["ms_per_image"]
+        lines.append(f"{r['model']:<12} {r['batch']:>5} | {'full':<12} "
+                     f"{'':>7} {'':>11} | {ms['full']:>8.3f}")
+        for m in r["blocks_used"]:
+            lines.append(f"{'':<12} {'':>5} | {m:<12} {r['blocks_used'][m]:>7.1f} "
+                         f"{r['flops'][m]:>11.3E} | {ms[m]:>8.3f} {ms['full'] / ms[m]:>8.2f}x "
+                         f"{100 * r['of_flop_bound'][m]:>8.0f}%")
+        if r["skipped"]:
+            lines.append(f"{'':<12} {'':>5} | not timed (no calibration): "
+                         + ", ".join(r["skipped"]))
+    return "\n".join(lines)
+
+
 # -- part 5: ONNX Runtime --------------------------------------------------------
 ONNX_MODELS = ("R110_C10",)
 ONNX_BATCHES = (1, 32, 256)
@@ -541,6 +606,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="batch sizes of the BlockDrop-seq part (default: %(default)s)")
     p.add_argument("--seq-images", type=int, default=32,
                    help="images each BlockDrop-seq setting runs (at least one batch)")
+    p.add_argument("--method-models", nargs="+", default=list(METHOD_MODELS),
+                   help="models of the methods part (every registered learned method; "
+                        "default: %(default)s)")
+    p.add_argument("--method-batches", nargs="+", type=int, default=list(METHOD_BATCHES),
+                   help="batch sizes of the methods part (default: %(default)s)")
     p.add_argument("--eval-models", nargs="+", default=["R110_C10"])
     p.add_argument("--eval-images", type=int, default=512)
     p.add_argument("--eval-batch", type=int, default=256)
@@ -583,6 +653,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                   ("--seq-images", "seq_images", 4),
                                   ("--profile-batches", "profile_batches", [8]),
                                   ("--onnx-models", "onnx_models", ["R32_C10"]),
+                                  ("--method-models", "method_models", ["R32_C10"]),
+                                  ("--method-batches", "method_batches", [1, 4]),
                                   ("--onnx-batches", "onnx_batches", [1, 4])):
             if flag not in given:
                 setattr(args, dest, value)
@@ -592,7 +664,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in args.models + args.eval_models + args.profile_models + [args.cl_model] + \
-            args.seq_models + args.onnx_models:
+            args.seq_models + args.onnx_models + args.method_models:
         try:
             get_spec(name)
         except ValueError as err:
@@ -610,7 +682,7 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--keep {name}: N must be in [0, {k}] (K of {name}), got {value}")
         keep[name] = int(value)
     for name in args.models + args.eval_models + args.seq_models + args.profile_models + \
-            args.onnx_models:
+            args.onnx_models + args.method_models:
         if name not in keep:
             p.error(f"no default keep count for {name}; pass --keep {name}=N")
     args.keep_counts = keep
@@ -793,6 +865,11 @@ def render(result: dict) -> str:
     if result.get("seq"):
         parts.append("Table 2, BlockDrop vs BlockDrop-seq (networks as built):\n\n```\n"
                      + format_seq(result["seq"]) + "\n```")
+    if result.get("methods"):
+        parts.append("Every registered method on inference copies (`--parts methods`; random "
+                     "weights calibrated to the same usage), speed-up over the full network and "
+                     "its share of the FLOP bound:\n\n```\n" + format_methods(result["methods"])
+                     + "\n```")
     return "\n\n".join(parts) + "\n"
 
 
@@ -888,6 +965,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
         result["seq"] = rows
         print("Table 2, BlockDrop vs BlockDrop-seq, greedy decisions, networks included "
               f"(median of {args.repeats}):\n" + format_seq(rows) + "\n")
+    if "methods" in args.parts:
+        rows = []
+        for name in args.method_models:
+            for batch in args.method_batches:
+                rows.append(bench_methods(name, batch, args.keep_counts[name], args.repeats,
+                                          args.warmup, device, args.seed, args.min_time,
+                                          args.seq_images))
+        result["methods"] = rows
+        print("Every registered method, greedy decisions, deciding networks included "
+              f"(median of {args.repeats}):\n" + format_methods(rows) + "\n")
     if "onnx" in args.parts:
         rows = []
         for name in args.onnx_models:

@@ -139,7 +139,8 @@ def _summary(matches: list[torch.Tensor], losses: list[float], policies: list[to
     loss = gather_cat(torch.tensor(losses, dtype=torch.float64))
     if not policies:
         return {"accuracy": mean32(match.numpy()), "loss": float(loss.mean())}
-    stats = policy_stats(gather_cat(torch.cat(policies)), match, gather_cat(torch.cat(rewards)))
+    reward = gather_cat(torch.cat(rewards)) if rewards else None
+    stats = policy_stats(gather_cat(torch.cat(policies)), match, reward)
     return {**asdict(stats), "loss": float(loss.mean())}
 
 
@@ -167,6 +168,7 @@ def train_epoch(step: StepFn, loader: Iterable, optimizer: torch.optim.Optimizer
         matches.append(out.match.detach().float().cpu())
         if out.policy is not None:
             policies.append(out.policy.detach().to(torch.uint8).cpu())
+        if out.reward is not None:
             rewards.append(out.reward.detach().float().cpu())
     return _summary(matches, losses, policies, rewards)
 
