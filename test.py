@@ -218,7 +218,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
                  chosen.seed))
     if args.out:
         stats = statistics(args, spec, setup, result, device)
-        stats["threshold"] = chosen.threshold if chosen else args.threshold
+        if chosen is not None or args.threshold is not None:
+            stats["threshold"] = chosen.threshold if chosen else args.threshold
         if chosen is not None:
             stats.update(budget=args.budget, held_out_flops=chosen.held_out_flops,
                          held_out_images=chosen.images, held_out_seed=chosen.seed)
