@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet
 from models.dynamic import chunk_size, gather, write_rows
+from models.export import Decision
 from utils.amp import autocast
 from utils.dist import wrap
 
@@ -364,6 +365,29 @@ def calibrate_gates(agent: SkipGates, rnet: FlatResNet, images: torch.Tensor,
 
 
 # -- the method ---------------------------------------------------------------------
+class SkipDecision(Decision):
+    """SkipNet in an exported graph: block 0 always runs; before block t ≥ 1 the recurrent
+    gate reads block t's input and carries its LSTM state to the next gate; keep iff
+    ``p_t > threshold``."""
+
+    method = "skipnet"
+
+    def __init__(self, agent: SkipGates, threshold: float = TEST_THRESHOLD):
+        super().__init__()
+        self.agent = agent
+        self.threshold = threshold
+
+    def begin(self, x: torch.Tensor) -> dict:
+        return {}
+
+    def keep(self, t: int, h: torch.Tensor, state: dict) -> torch.Tensor:
+        if t == 0:
+            state["lstm"] = self.agent.initial_state(h)
+            return torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        logit, state["lstm"] = self.agent.step(t, h, state["lstm"])
+        return torch.sigmoid(logit) > self.threshold
+
+
 class SkipNet(Method):
     """SkipNet (ECCV 2018): recurrent gates decide block by block while the ResNet runs,
     trained by supervised pre-training and hybrid reinforcement learning."""
@@ -427,6 +451,10 @@ class SkipNet(Method):
     def calibrate(self, agent: nn.Module, rnet: FlatResNet, images: torch.Tensor,
                   keep_fraction: float, generator: torch.Generator) -> None:
         calibrate_gates(agent, rnet, images, keep_fraction, generator)
+
+    def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
+                        source: PolicySource) -> nn.Module:
+        return SkipDecision(agent, source.threshold)
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:

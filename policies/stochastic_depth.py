@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec
 from models.dynamic import gather, write_rows
+from models.export import FixedDecision
 from utils.amp import autocast
 from utils.dist import wrap
 
@@ -223,6 +224,12 @@ class StochasticDepth(Method):
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:
         return survival_source(spec.num_blocks, PAPER_P_LAST, k=k, threshold=threshold)
+
+    def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
+                        source: PolicySource) -> nn.Module:
+        """The trained ResNet as a static network (every block, or those the threshold
+        keeps)."""
+        return FixedDecision(source.name, source.vector)
 
     def record(self, source: PolicySource) -> dict[str, Any]:
         return {"fixed_policy": {"name": NAME, "k": source.k, "seed": 0},

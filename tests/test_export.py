@@ -4,6 +4,7 @@ by every row, by none and by some) and each fixed heuristic; files load with
 onnxruntime alone; bad input ends in one line."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -21,7 +22,9 @@ from models.export import (ExportError, FixedDecision, PolicyNetDecision, check_
 from models.flops import flop_table
 from policies.blockdrop import AgentSource
 from policies.fixed import FixedSource, fixed_vector
+from policies.registry import get_method, method_names
 from policies.seq import SeqDecision, SeqSource, build_seq_agent
+from policies.source import PolicySourceError
 from scripts import export as export_script
 from utils.onnx_eval import OnnxModelError, evaluate_onnx
 from utils.stats import format_eval_block, policy_stats
@@ -254,3 +257,30 @@ def test_test_py_onnx_prints_the_block_of_the_checkpoint(nets, tiny_data, tmp_pa
     line = error_line(test_script.main, [*common[:1], "R110_C10", *common[2:], "--onnx", onnx],
                       capsys)
     assert onnx in line and "R32_C10" in line
+
+
+@pytest.mark.parametrize("name", [n for n in method_names()
+                                  if n not in ("blockdrop", "seq", "firstk", "randomk",
+                                               "distributek")])
+def test_every_other_registered_method_exports_or_says_why(name, tmp_path):
+    """Each method the tests above do not cover: ONNX Runtime against its PyTorch source at
+    batch 1 and 5 (random weights calibrated to spread the decisions), or one clear line."""
+    method = get_method(name)
+    torch.manual_seed(2)
+    rnet = randomize_bn(get_model("R32_C10")[0]).eval()
+    agent = method.build(SPEC)
+    if agent is not None:
+        agent = randomize_bn(agent, seed=3).eval()
+        with contextlib.suppress(NotImplementedError):
+            method.calibrate(agent, rnet, _images(16, 5), 0.5, torch.Generator().manual_seed(0))
+    k = None if method.learned or method.selected_by else 7  # a regime keeps every block
+    source = method.source(SPEC, agent, k=k)
+    try:
+        decision = method.export_decision(SPEC, agent, source)
+    except PolicySourceError as err:
+        assert name in str(err) and "\n" not in str(err)
+        return
+    path = str(tmp_path / f"{name}.onnx")
+    export_onnx(exportable(rnet, decision), path, model="R32_C10", input_size=32)
+    for x in (_images(1, 0), _images(5, 1)):
+        _compare(path, rnet, source, x)
