@@ -256,6 +256,10 @@ class ActSource(PolicySource):
         self.policy_flops = agent.flops
         self.threshold = threshold
 
+    def decision_flops(self, policy: torch.Tensor) -> torch.Tensor:
+        """Only the halting units of the blocks that ran."""
+        return halting_flops(self.agent, policy)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise TypeError("ACT decides while the ResNet runs; use run(rnet, x)")
 

@@ -36,6 +36,11 @@ class PolicySource:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def decision_flops(self, policy: torch.Tensor) -> torch.Tensor | int:
+        """FLOPs of deciding, per image, for the (N, K) policies taken: ``policy_flops`` for
+        every image unless the deciding work depends on the path (ACT's halting units)."""
+        return self.policy_flops
+
     def eval(self) -> PolicySource:
         """Put the source's network, if any, in eval mode."""
         if self.agent is not None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import cl_training
 import finetune
 import test as test_script
-from helpers import error_line, randomize_bn
+from helpers import error_line, printed_block, randomize_bn
 from models import build_resnet, get_spec
 from models.flops import flop_counter, flop_table
 from policies.registry import get_method, method_of
@@ -272,7 +272,7 @@ def test_finetune_trains_and_test_py_evaluates_the_checkpoint(phase, tiny_data, 
         test_script.main(["--model", "R32_C10", "--data_dir", tiny_data["data_dir"], "--load",
                           path, "--workers", "0", "--device", "cpu", "--batch_size", "3",
                           *extra])
-        assert capsys.readouterr().out.strip() == expected.strip()
+        assert printed_block(capsys.readouterr().out).strip() == expected.strip()
 
 
 def test_bad_flags_give_one_line(tiny_data, tiny_args, tmp_path, capsys):

@@ -79,7 +79,8 @@ def evaluate(rnet: FlatResNet, source: PolicySource, loader: Iterable,
     rew = torch.cat(rewards) if rewards else None
     per_image = None
     if flops is not None:
-        per_image = (flops.per_image(pol, include_policy=False) + source.policy_flops).numpy()
+        per_image = (flops.per_image(pol, include_policy=False)
+                     + source.decision_flops(pol)).numpy()
     return EvalResult(pol, mat, rew, per_image, policy_stats(pol, mat, rew))
 
 

@@ -200,14 +200,21 @@ def areas(points: Sequence[Point]) -> tuple[tuple[float, float] | None, dict[str
 
 
 def reported_points(model: str) -> list[dict[str, Any]]:
-    """The peers' published points for ``model`` (``peers`` in paper_results.yaml) that
-    give an accuracy and FLOPs in this project's convention."""
+    """The peers' published points for ``model`` (``peers`` in paper_results.yaml: per
+    method a ``rows`` list) that give an accuracy (%) and FLOPs in this project's units."""
     out = []
-    for method, rows in (load_paper_results().get("peers") or {}).items():
+    for method, body in (load_paper_results().get("peers") or {}).items():
+        rows = body.get("rows") if isinstance(body, dict) else body
         for row in rows or []:
-            if isinstance(row, dict) and row.get("model") == model and \
-                    row.get("flops") is not None and row.get("acc") is not None:
-                out.append({"method": method, **row})
+            if not isinstance(row, dict) or row.get("model") != model:
+                continue
+            acc = row.get("accuracy", row.get("acc"))
+            if acc is None or row.get("flops") is None:
+                continue
+            variant = row.get("variant")
+            name = method if variant in (None, method) else f"{method} ({variant})"
+            out.append({"method": method, "label": f"{name} (reported)", "acc": float(acc),
+                        "flops": float(row["flops"])})
     return out
 
 
@@ -232,7 +239,7 @@ def flops_figure(points: Sequence[Point], reported: Sequence[dict[str, Any]], mo
     for r in reported:
         ax.plot([r["flops"] / 1e9], [r["acc"]], marker="D", markersize=8, markerfacecolor="none",
                 markeredgecolor=colours.get(r["method"], "#444444"), linestyle="none",
-                label=f"{r['method']} (reported)")
+                label=r["label"])
     ax.set(xlabel="GFLOPs per image (2 FLOPs per multiply-add)", ylabel="accuracy (%)",
            title=f"{model}: accuracy against FLOPs")
     ax.grid(alpha=0.3)
