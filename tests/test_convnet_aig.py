@@ -342,3 +342,19 @@ def test_bad_input_gives_one_line(tiny_data, tiny_args, tmp_path, capsys):
         METHOD.source(spec, None)
     with pytest.raises(PolicySourceError, match="decide 54 blocks"):
         METHOD.source(spec, AIGAgent([16] * 54))
+
+
+@pytest.mark.parametrize("name", ["R32_C10", "R110_C10", "R101_ImgNet"])
+def test_configs_resolve_for_finetune(name):
+    import yaml
+
+    from utils.config import check_common, method_problems, resolve
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "convnet_aig", f"{name}.yaml")
+    args = resolve(finetune.build_parser(), ["--config", path])
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    for key, value in data.items():
+        assert getattr(args, key) == (pytest.approx(value) if isinstance(value, float) else value)
+    assert args.model == name and args.agent == "convnet_aig"
+    assert check_common(args) == [] and method_problems(args) == []
