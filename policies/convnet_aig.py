@@ -126,9 +126,17 @@ class AIGGate(nn.Module):
                     + self.fc2.in_features * self.fc2.out_features)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, 2) logits over {drop, keep} from the block input ``h`` (B, C, H, W)."""
-        w = F.relu(self.fc1bn(self.fc1(h.mean((2, 3)))))
-        return self.fc2(w)
+        """(B, 2) logits over {drop, keep} from the block input ``h`` (B, C, H, W). A
+        training batch of one image (the last of an epoch) normalises with the running
+        statistics, which batch statistics of one value cannot replace."""
+        a = self.fc1(h.mean((2, 3)))
+        bn = self.fc1bn
+        if self.training and a.shape[0] == 1:
+            a = F.batch_norm(a, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
+                             0.0, bn.eps)
+        else:
+            a = bn(a)
+        return self.fc2(F.relu(a))
 
 
 class AIGAgent(nn.Module):

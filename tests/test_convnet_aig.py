@@ -248,6 +248,15 @@ def test_straight_through_gradient_of_the_last_gate_by_hand():
     assert expect.abs() > 1e-4
 
 
+def test_a_training_batch_of_one_image_uses_the_running_statistics():
+    rnet, agent = _models(seed=9)
+    x, noise = torch.rand(1, 3, 32, 32), torch.rand(1, 15)
+    with torch.no_grad():
+        expect = aig_pass(rnet, agent, x, noise).gates  # eval mode
+        agent.train()
+        assert torch.equal(aig_pass(rnet, agent, x, noise).gates, expect)
+
+
 def test_training_decisions_are_a_function_of_the_noise():
     rnet, agent = _models(seed=8)
     net = AIGNet(rnet, agent).train()
