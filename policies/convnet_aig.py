@@ -47,10 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import FlatResNet, ModelSpec, build_resnet
+from models import FlatResNet, ModelSpec, build_resnet, get_spec
 from models.dynamic import chunk_size, gather, write_rows
 from utils.amp import autocast
-from utils.dist import wrap
+from utils.dist import unwrap, wrap
 
 from .method import FINETUNE, Method, StepOutput, TrainStep, Where, register
 from .source import PolicySource, PolicySourceError
@@ -140,21 +140,31 @@ class AIGGate(nn.Module):
 
 
 class AIGAgent(nn.Module):
-    """The gates of ConvNet-AIG, one per residual block (``C_in``: its input channels)."""
+    """The gates of ConvNet-AIG, one per residual block (``C_in``: its input channels).
+
+    The buffer ``fixed_first`` (saved with the gates) holds F: blocks 0..F-1 always run,
+    their gates are neither run nor counted (the README's ResNet-101 schedule, F = 8)."""
 
     def __init__(self, in_channels: Sequence[int], hidden: int = HIDDEN):
         super().__init__()
         self.in_channels: tuple[int, ...] = tuple(in_channels)
         self.gates = nn.ModuleList(AIGGate(c, hidden) for c in self.in_channels)
+        self.register_buffer("fixed_first", torch.zeros((), dtype=torch.long))
 
     @property
     def num_blocks(self) -> int:
         return len(self.gates)
 
     @property
+    def fixed(self) -> int:
+        """F: the leading blocks that always run, without a gate."""
+        return int(self.fixed_first)
+
+    @property
     def flops(self) -> int:
-        """FLOPs of all gates per image (Linear layers only; pooling and BN are free)."""
-        return sum(g.flops for g in self.gates)
+        """FLOPs of the gates that run, per image (Linear layers only; pooling and BN are
+        free)."""
+        return sum(g.flops for g in self.gates[self.fixed:])
 
 
 def build_aig_agent(spec: ModelSpec) -> AIGAgent:
@@ -175,7 +185,8 @@ def aig_pass(rnet: FlatResNet, agent: AIGAgent, x: torch.Tensor,
              noise: torch.Tensor | None = None, temperature: float = DEFAULT_TEMPERATURE,
              mode: str = "masked", threshold: float | None = None,
              keep_first: int = 0) -> AIGOutput:
-    """Gate, then block or skip, block after block.
+    """Gate, then block or skip, block after block (the agent's first ``fixed`` blocks
+    run without a gate: decision 1, soft value 1).
 
     ``noise`` (B, K) uniform: straight-through Gumbel samples (training); None: the
     deterministic test rule (:func:`greedy_keep`). ``mode`` "masked" computes every block
@@ -189,7 +200,14 @@ def aig_pass(rnet: FlatResNet, agent: AIGAgent, x: torch.Tensor,
                          f"{rnet.num_blocks}")
     h = rnet.stem(x)
     gates, softs = [], []
+    fixed = agent.fixed
     for t in range(rnet.num_blocks):
+        if t < fixed:
+            z = soft = h.new_ones(h.shape[0], dtype=torch.float32)
+            h = rnet.run_block(t, h, rnet.residual(t, h))
+            gates.append(z)
+            softs.append(soft)
+            continue
         logits = agent.gates[t](h).float()
         if noise is None:
             z, soft = greedy_keep(logits, threshold), keep_probability(logits)
@@ -271,11 +289,14 @@ def aig_train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                    temperature: float = DEFAULT_TEMPERATURE, amp: str = "none") -> StepOutput:
     """One joint step: straight-through Gumbel gates, masked blocks, cross-entropy plus
     ``loss_weight · target_rate_loss``. ``net`` is an :class:`AIGNet` (maybe DDP-wrapped).
-    The log's reward is 0 (ConvNet-AIG has none)."""
+    Blocks without a gate (``fixed_first``) are left out of the target-rate loss. The
+    log's reward is 0 (ConvNet-AIG has none)."""
     with autocast(amp, inputs.device):
         out = net(inputs, noise, temperature)
     logits = out.logits.float()
-    loss = F.cross_entropy(logits, targets) + loss_weight * target_rate_loss(out.gates, target)
+    fixed = unwrap(net).agent.fixed
+    rate = target_rate_loss(out.gates[:, fixed:], target)
+    loss = F.cross_entropy(logits, targets) + loss_weight * rate
     match = (logits.argmax(1) == targets).float()
     return StepOutput(loss, match, out.gates.detach(), torch.zeros(len(inputs)))
 
@@ -305,6 +326,10 @@ class ConvNetAIG(Method):
                          "(default 2, the authors' CIFAR setting; 1 on ImageNet)")
         self.option(group, "--aig_temperature", type=float, default=DEFAULT_TEMPERATURE,
                     help="Gumbel-softmax temperature of the backward pass, > 0 (default 1)")
+        self.option(group, "--aig_fixed_first", type=int, default=0,
+                    help="the first F blocks always run, without a gate, and are left out of "
+                         "the target-rate loss, 0 <= F < K (default 0; the README's ResNet-101 "
+                         "schedule: 8)")
 
     def check_options(self, args: argparse.Namespace) -> list[str]:
         problems = []
@@ -317,10 +342,26 @@ class ConvNetAIG(Method):
         tau = args.aig_temperature
         if not (_finite(tau) and tau > 0.0):
             problems.append(f"--aig_temperature must be a finite number > 0, got {tau}")
+        try:
+            num_blocks = get_spec(args.model).num_blocks
+        except ValueError:  # an unknown --model is reported by the common checks
+            return problems
+        fixed = args.aig_fixed_first
+        if not 0 <= fixed < num_blocks:
+            problems.append(f"--aig_fixed_first must lie in 0..{num_blocks - 1} for "
+                            f"{args.model}, got {fixed}")
         return problems
 
     def build(self, spec: ModelSpec) -> nn.Module:
         return build_aig_agent(spec)
+
+    def prepare(self, stage: str, rnet: FlatResNet, agent: nn.Module | None,
+                args: argparse.Namespace, spec: ModelSpec) -> None:
+        """``--aig_fixed_first`` F into the agent (saved with it); the F unused gates are
+        frozen, so that neither Adam nor DDP waits for their gradients."""
+        agent.fixed_first.fill_(args.aig_fixed_first)
+        for t, gate in enumerate(agent.gates):
+            gate.requires_grad_(t >= agent.fixed)
 
     def train_step(self, stage: str, args: argparse.Namespace, rnet: FlatResNet,
                    agent: nn.Module | None, where: Where) -> tuple[nn.Module, TrainStep]:
@@ -347,6 +388,9 @@ class ConvNetAIG(Method):
         with torch.no_grad():
             h = rnet.stem(images)
             for t, gate in enumerate(agent.gates):
+                if t < agent.fixed:  # always runs, no gate
+                    h = rnet.run_block(t, h, rnet.residual(t, h))
+                    continue
                 pooled = h.mean((2, 3))
                 w1 = torch.randn(gate.fc1.weight.shape, generator=generator).to(pooled)
                 gate.fc1.weight.copy_(w1 / pooled.shape[1] ** 0.5)

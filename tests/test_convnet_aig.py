@@ -167,6 +167,36 @@ def test_dynamic_equals_masked_at_batch_one_and_more(name):
         assert torch.equal(fast.run(rnet, x)[1], dyn_pol)
 
 
+def test_fixed_first_blocks_run_without_gates():
+    rnet, agent = _models(seed=10, keep=0.3)
+    agent.fixed_first.fill_(4)
+    spec = get_spec("R32_C10")
+    assert agent.flops == sum(g.flops for g in agent.gates[4:])
+    assert METHOD.source(spec, agent).policy_flops == agent.flops
+    called = []
+    hooks = [g.register_forward_hook(lambda m, i, o, t=t: called.append(t))
+             for t, g in enumerate(agent.gates)]
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        dyn_logits, policy = METHOD.source(spec, agent).run(rnet, x)
+        msk_logits, msk_policy = METHOD.source(spec, agent).run(rnet, x, dynamic=False)
+    for h in hooks:
+        h.remove()
+    assert min(called) == 4, "the fixed blocks' gates do not run"
+    assert bool((policy[:, :4] == 1).all()) and policy[:, 4:].mean() < 0.6
+    assert torch.equal(policy, msk_policy)
+    assert torch.allclose(dyn_logits, msk_logits, rtol=1e-4, atol=1e-4)
+    # the target-rate loss leaves the fixed blocks out
+    net = AIGNet(rnet, agent).train()
+    noise = torch.rand(5, 15, generator=torch.Generator().manual_seed(11))
+    y = torch.arange(5)
+    out = aig_train_step(net, x, y, noise, target=0.5, loss_weight=2.0)
+    with torch.no_grad():
+        again = net(x, noise)
+    expect = F.cross_entropy(again.logits, y) + 2.0 * target_rate_loss(again.gates[:, 4:], 0.5)
+    assert out.loss.item() == pytest.approx(expect.item(), rel=1e-5)
+
+
 def test_batch_one_skips_dropped_blocks():
     rnet, agent = _models(seed=3)
     calls = []
@@ -330,6 +360,16 @@ def test_finetune_checkpoint_round_trips_through_test_py(tiny_data, tiny_args, t
     assert "Unique Policies: 1\n" not in expected
 
 
+def test_fixed_first_is_saved_and_its_gates_stay_frozen(tiny_data, tiny_args, tmp_path):
+    cv = tmp_path / "aig_fixed"
+    finetune.main(tiny_args(cv, "--agent", "convnet_aig", "--base_ckpt", tiny_data["base"],
+                            "--max_epochs", "0", "--test_every", "1", "--aig_fixed_first", "3"))
+    agent = read_checkpoint(_last(cv))["agent"]
+    assert int(agent["fixed_first"]) == 3
+    assert torch.equal(agent["gates.2.fc2.bias"], torch.tensor([0.1, 2.0]))
+    assert agent["gates.3.fc2.bias"].tolist() != pytest.approx([0.1, 2.0], abs=1e-6)
+
+
 def test_bad_input_gives_one_line(tiny_data, tiny_args, tmp_path, capsys):
     def line(*extra, main=finetune.main):
         return error_line(main, tiny_args(tmp_path / "x", "--base_ckpt", tiny_data["base"],
@@ -339,7 +379,10 @@ def test_bad_input_gives_one_line(tiny_data, tiny_args, tmp_path, capsys):
                                 ("--aig_target", "1.5", "--aig_target must lie in (0, 1]"),
                                 ("--aig_target", "nan", "--aig_target must lie in (0, 1]"),
                                 ("--aig_loss_weight", "-1", "--aig_loss_weight must be"),
-                                ("--aig_temperature", "0", "--aig_temperature must be")):
+                                ("--aig_temperature", "0", "--aig_temperature must be"),
+                                ("--aig_fixed_first", "15",
+                                 "--aig_fixed_first must lie in 0..14 for R32_C10, got 15"),
+                                ("--aig_fixed_first", "-1", "--aig_fixed_first must lie in")):
         assert needle in line("--agent", "convnet_aig", flag, value), flag
     assert "--aig_target belongs to the convnet_aig method" in line("--aig_target", "0.5")
     assert "not trained by the 'cl' stage" in line("--agent", "convnet_aig",
