@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet, get_spec
 from models.dynamic import chunk_size, gather, write_rows
+from models.export import Decision
 from utils.amp import autocast
 from utils.dist import unwrap, wrap
 
@@ -305,6 +306,25 @@ def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+class AIGDecision(Decision):
+    """ConvNet-AIG in an exported graph: gate t reads block t's input (the first
+    ``fixed`` blocks always run); keep iff ``logit_keep > logit_drop``, or the softmax
+    keep-probability ``>= threshold``."""
+
+    method = "convnet_aig"
+
+    def __init__(self, agent: AIGAgent, threshold: float | None = None):
+        super().__init__()
+        self.agent = agent
+        self.threshold = threshold
+        self.ungated = agent.fixed  # a plain int in the graph (the buffer is read once)
+
+    def keep(self, t: int, h: torch.Tensor, state) -> torch.Tensor:
+        if t < self.ungated:
+            return torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        return greedy_keep(self.agent.gates[t](h), self.threshold) > 0.5
+
+
 class ConvNetAIG(Method):
     """ConvNet-AIG (Veit & Belongie, ECCV 2018): per-block gates on the block's input,
     trained with the straight-through Gumbel-softmax and a target-rate loss. A moved
@@ -410,6 +430,10 @@ class ConvNetAIG(Method):
                 residual = rnet.residual(t, h)
                 h = rnet.run_block(t, h, residual) * keep + residual * (1 - keep)
         agent.train(was_training)
+
+    def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
+                        source: PolicySource) -> nn.Module:
+        return AIGDecision(agent, source.threshold)
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:

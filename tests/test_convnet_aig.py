@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import cl_training
 import finetune
 import test as test_script
-from helpers import error_line, randomize_bn
+from helpers import error_line, printed_block, randomize_bn
 from models import build_resnet, get_spec
 from models.flops import flop_table, module_flops
 from policies.convnet_aig import (AIGAgent, AIGNet, AIGSource, aig_pass, aig_train_step,
@@ -356,7 +356,7 @@ def test_finetune_checkpoint_round_trips_through_test_py(tiny_data, tiny_args, t
             test_script.main(["--model", "R32_C10", "--data_dir", tiny_data["data_dir"],
                               "--load", load, "--batch_size", "3", "--workers", "0",
                               "--device", "cpu", *extra])
-            assert capsys.readouterr().out == expected + "\n", (load, extra)
+            assert printed_block(capsys.readouterr().out) == expected + "\n", (load, extra)
     assert "Unique Policies: 1\n" not in expected
 
 

@@ -24,7 +24,7 @@ import torch
 
 from models import get_spec
 from models.fast import inference_copy
-from policies.registry import get_method, method_names, method_of
+from policies.registry import DEFAULT_METHOD, get_method, method_names, method_of
 from scripts.repro import pipeline
 from scripts.repro.context import ReproContext, preamble, prepare
 from scripts.repro.evaluation import EvalRequest, run_test
@@ -327,14 +327,15 @@ def _checkpoints(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def train_methods(ctx: ReproContext, model: str) -> tuple[str, list[str]]:
-    """From scratch (or ``--smoke``): the base network and one run of every registered
-    learned method and training regime, each from its configs (pipeline.method_run)."""
+    """From scratch (or ``--smoke``): the base network, BlockDrop's curriculum and
+    finetuning (the paper's steps), and one run of every other registered learned method
+    and training regime, each from its configs (pipeline.method_run)."""
     plan = ctx.plan()
     runs = pipeline.blockdrop(plan, model, pipeline.default_gammas(model)[:1] or [5.0])
     ckpts = list(runs["finetuned"].values())
     for name in method_names():
         method = get_method(name)
-        if name != "blockdrop" and (method.learned or method.selected_by is not None):
+        if name != DEFAULT_METHOD and (method.learned or method.selected_by is not None):
             ckpts.append(pipeline.method_run(plan, model, name, runs["base"],
                                              runs["curriculum"]))
     return runs["base"], ckpts
