@@ -29,7 +29,7 @@ from scripts import export as export_script
 from utils.onnx_eval import OnnxModelError, evaluate_onnx
 from utils.stats import format_eval_block, policy_stats
 
-SPEC = get_spec("R32_C10")
+R32 = get_spec("R32_C10")
 ALL, NONE = range(0, 4), range(4, 8)  # blocks the biased policy keeps for every / no image
 
 
@@ -48,7 +48,7 @@ def _compare(path: str, rnet, source, x: torch.Tensor) -> np.ndarray:
     logits, policy = _ort(path, x)
     with torch.no_grad():
         ref_logits, ref_policy = source.run(rnet, x)
-    assert policy.dtype == np.uint8 and policy.shape == (x.shape[0], SPEC.num_blocks)
+    assert policy.dtype == np.uint8 and policy.shape == (x.shape[0], R32.num_blocks)
     np.testing.assert_array_equal(policy, ref_policy.numpy().astype(np.uint8))
     np.testing.assert_array_equal(logits.argmax(1), ref_logits.argmax(1).numpy())
     scale = float(ref_logits.abs().max())
@@ -77,7 +77,7 @@ def blockdrop_onnx(nets, tmp_path_factory):
     rnet, agent = nets
     path = str(tmp_path_factory.mktemp("onnx") / "blockdrop.onnx")
     meta = export_onnx(exportable(rnet, PolicyNetDecision(agent)), path, model="R32_C10",
-                       input_size=32, mean=SPEC.mean, std=SPEC.std)
+                       input_size=32, mean=R32.mean, std=R32.std)
     return path, meta
 
 
@@ -90,7 +90,7 @@ def test_blockdrop_matches_pytorch_at_batch_1_and_5(nets, blockdrop_onnx):
     batch = policies[-1]
     assert batch[:, list(ALL)].all() and not batch[:, list(NONE)].any()
     # some blocks are kept by some rows of the batch and dropped by others
-    mixed = [t for t in range(8, SPEC.num_blocks) if 0 < batch[:, t].sum() < 5]
+    mixed = [t for t in range(8, R32.num_blocks) if 0 < batch[:, t].sum() < 5]
     assert mixed, batch
     assert meta["blockdrop.method"] == "blockdrop" and meta["blockdrop.num_blocks"] == "15"
     assert meta["blockdrop.kept_blocks"] == "per image"
@@ -101,7 +101,7 @@ def test_fixed_heuristics_export_the_static_subnetwork(nets, tmp_path):
 
     rnet, _ = nets
     for name in ("randomk", "distributek"):  # firstk: through the script, below
-        vector = fixed_vector(name, SPEC.layers, 5, seed=3)
+        vector = fixed_vector(name, R32.layers, 5, seed=3)
         path = str(tmp_path / f"{name}.onnx")
         meta = export_onnx(exportable(rnet, FixedDecision(name, vector)), path,
                            model="R32_C10", input_size=32)
@@ -120,7 +120,7 @@ def test_fixed_heuristics_export_the_static_subnetwork(nets, tmp_path):
 def test_seq_matches_pytorch(nets, tmp_path):
     rnet, _ = nets
     torch.manual_seed(1)
-    agent = build_seq_agent(SPEC).eval()
+    agent = build_seq_agent(R32).eval()
     with torch.no_grad():
         agent.gates[1].bias.copy_(torch.tensor([0.0, 1e4]))
         agent.gates[2].bias.copy_(torch.tensor([1e4, 0.0]))
@@ -153,7 +153,7 @@ def test_evaluate_onnx_feeds_the_statistics(nets, blockdrop_onnx):
     rnet, agent = nets
     path, _ = blockdrop_onnx
     x, y = _images(6, 2), torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(0))
-    policies, matches, logits = evaluate_onnx(path, SPEC, DataLoader(TensorDataset(x, y),
+    policies, matches, logits = evaluate_onnx(path, R32, DataLoader(TensorDataset(x, y),
                                                                      batch_size=4))
     assert policies.dtype == torch.uint8 and policies.shape == (6, 15)
     assert matches.shape == (6,) and logits.shape == (6, 10)
@@ -176,9 +176,9 @@ def test_metadata_mismatch_and_bad_files(blockdrop_onnx, tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00 this is not a model \xff" * 10)
     with pytest.raises(OnnxModelError, match="junk.onnx is not an ONNX model"):
-        evaluate_onnx(str(junk), SPEC, [])
+        evaluate_onnx(str(junk), R32, [])
     with pytest.raises(OnnxModelError, match="no such ONNX file"):
-        evaluate_onnx(str(tmp_path / "missing.onnx"), SPEC, [])
+        evaluate_onnx(str(tmp_path / "missing.onnx"), R32, [])
 
 
 def test_script_exports_and_checks_a_fixed_policy(tiny_data, tmp_path, capsys):
@@ -268,15 +268,15 @@ def test_every_other_registered_method_exports_or_says_why(name, tmp_path):
     method = get_method(name)
     torch.manual_seed(2)
     rnet = randomize_bn(get_model("R32_C10")[0]).eval()
-    agent = method.build(SPEC)
+    agent = method.build(R32)
     if agent is not None:
         agent = randomize_bn(agent, seed=3).eval()
         with contextlib.suppress(NotImplementedError):
             method.calibrate(agent, rnet, _images(16, 5), 0.5, torch.Generator().manual_seed(0))
     k = None if method.learned or method.selected_by else 7  # a regime keeps every block
-    source = method.source(SPEC, agent, k=k)
+    source = method.source(R32, agent, k=k)
     try:
-        decision = method.export_decision(SPEC, agent, source)
+        decision = method.export_decision(R32, agent, source)
     except PolicySourceError as err:
         assert name in str(err) and "\n" not in str(err)
         return
