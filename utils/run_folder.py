@@ -203,10 +203,12 @@ def _epoch_of(name: str) -> int | None:
     return None
 
 
-def newest_checkpoint(folder: str) -> tuple[str, int] | None:
-    """``(path, epoch)`` of the stage checkpoint written after the latest epoch, if any."""
+def newest_checkpoint(folder: str, prefix: str | None = None) -> tuple[str, int] | None:
+    """``(path, epoch)`` of the stage checkpoint written after the latest epoch, if any;
+    ``prefix`` ``"ckpt"`` or ``"pk"`` looks at those files only."""
     found = [(e, p) for p in checkpoints_in(folder)
-             if (e := _epoch_of(os.path.basename(p))) is not None]
+             if (prefix is None or os.path.basename(p).startswith(f"{prefix}_E_"))
+             and (e := _epoch_of(os.path.basename(p))) is not None]
     return (max(found)[1], max(found)[0]) if found else None
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from collections.abc import Iterable
 
 from models import get_spec
-from scripts.repro.steps import checkpoint_epoch, newest_checkpoint
+from scripts.repro.steps import checkpoint_epoch, newest_path
 from utils.errors import UserError
 
 FINETUNED = "finetuned"
@@ -61,7 +61,7 @@ def find_finetuned(cv_dir: str, models: Iterable[str],
             continue
         if wanted is not None and parsed[1] not in wanted:
             continue
-        ckpt = newest_checkpoint(folder)
+        ckpt = newest_path(folder)
         if ckpt is not None:
             found.append(Finetuned(parsed[0], parsed[1], ckpt))
     return sorted(found, key=lambda f: (models.index(f.model), f.gamma))
@@ -92,11 +92,11 @@ def base_checkpoint(cv_dir: str, model: str) -> str | None:
     path = os.path.join(cv_dir, rel)
     if os.path.isfile(path):
         return path
-    return newest_checkpoint(os.path.dirname(path), "pk")
+    return newest_path(os.path.dirname(path), "pk")
 
 
 def curriculum_checkpoint(cv_dir: str, model: str) -> str | None:
     """The newest curriculum checkpoint of ``model`` under ``cv_dir`` (either folder name)."""
-    found = [c for c in (newest_checkpoint(os.path.join(cv_dir, d, model)) for d in CURRICULUM)
+    found = [c for c in (newest_path(os.path.join(cv_dir, d, model)) for d in CURRICULUM)
              if c is not None]
     return max(found, key=lambda p: checkpoint_epoch(p)) if found else None

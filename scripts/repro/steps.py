@@ -16,7 +16,6 @@ reruns it (a step killed by a signal says which); later steps do not run.
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib
 import importlib.util
 import os
@@ -36,9 +35,9 @@ import torch
 from scripts.repro.bookkeeping import move_aside
 from utils.config import load_yaml
 from utils.errors import UserError
+from utils.run_folder import LAST, newest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LAST = "last.t7"
 _EPOCH = re.compile(r"^(?:ckpt|pk)_E_(\d+)_")
 
 
@@ -79,17 +78,16 @@ def checkpoint_epoch(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def newest_checkpoint(folder: str, prefix: str = "ckpt") -> str | None:
-    """The checkpoint of the highest epoch in ``folder`` (``ckpt_E_*``/``pk_E_*``), or None."""
-    found = [p for p in glob.glob(os.path.join(folder, f"{prefix}_E_*.t7"))
-             if checkpoint_epoch(p) is not None]
-    return max(found, key=lambda p: (checkpoint_epoch(p), p)) if found else None
+def newest_path(folder: str, prefix: str = "ckpt") -> str | None:
+    """The path of :func:`utils.run_folder.newest_checkpoint` (``ckpt_E_*`` by default)."""
+    newest = newest_checkpoint(folder, prefix)
+    return newest[0] if newest else None
 
 
 def final_checkpoint(step: Step) -> str | None:
     """The step's final checkpoint when it exists (the step is done), else None."""
     prefix = "pk" if step.script == "pretrain_resnet.py" else "ckpt"
-    path = newest_checkpoint(step.folder, prefix)
+    path = newest_path(step.folder, prefix)
     return path if path and checkpoint_epoch(path) == step.final_epoch else None
 
 
@@ -248,7 +246,7 @@ def interrupted(step: Step) -> bool:
     holds ``last.t7`` or a checkpoint of an earlier epoch."""
     prefix = "pk" if step.script == "pretrain_resnet.py" else "ckpt"
     return os.path.isfile(os.path.join(step.folder, LAST)) or \
-        newest_checkpoint(step.folder, prefix) is not None
+        newest_path(step.folder, prefix) is not None
 
 
 def run_step(step: Step, *, resume: bool = False, force: bool = False,

@@ -16,7 +16,7 @@ from scripts.repro.gamma import (Evaluated, evaluate_finetuned, evaluate_full, f
                                  gamma_table, network_name, notes)
 from scripts.repro.released import (Finetuned, NotFoundError, base_checkpoint, parse_run_name,
                                     require_finetuned)
-from scripts.repro.steps import newest_checkpoint
+from scripts.repro.steps import newest_path
 from utils.checkpoint import read_checkpoint
 from utils.errors import UserError
 from policies.policy_init import RANDOM, TORCHVISION, resolve_policy_init
@@ -118,7 +118,7 @@ def _run_config(folder: str) -> dict:
 def resolve_checkpoint(path: str) -> tuple[str, str]:
     """``(checkpoint, folder)`` of a checkpoint file or a run folder (its newest ckpt_E_*)."""
     if os.path.isdir(path):
-        ckpt = newest_checkpoint(path)
+        ckpt = newest_path(path)
         if ckpt is None:
             raise NotFoundError(f"{path}: no ckpt_E_*.t7 checkpoint in this folder")
         return ckpt, path
