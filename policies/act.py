@@ -408,6 +408,12 @@ class Act(Method):
                   keep_fraction: float, generator: torch.Generator) -> None:
         calibrate_halting(agent, rnet, images, keep_fraction, generator)
 
+    def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
+                        source: PolicySource) -> nn.Module:
+        raise PolicySourceError("the act method does not export to ONNX: a block stage's "
+                                "output is the halting-weighted sum of its blocks' outputs, "
+                                "not the residual chain the exported graph runs")
+
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:
         if not isinstance(agent, HaltingUnits):
