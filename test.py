@@ -56,6 +56,16 @@ def k_value(text: str):
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
+def writable_folder(folder: str) -> bool:
+    """Whether ``folder`` is, or can be created as, a folder this process can write to."""
+    while not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return False
+        folder = parent
+    return os.path.isdir(folder) and os.access(folder, os.W_OK)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = make_parser(PROG, "BlockDrop evaluation (greedy policy)")
     add_model_arg(p)
@@ -121,6 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out and os.path.exists(args.out):
         p.error(f"--out {args.out} exists; results are not overwritten (remove it or "
                 f"choose another file)")
+    if args.out and not writable_folder(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out {args.out}: its folder cannot be created or written (expected a "
+                f"path in a writable folder)")
     try:
         get_spec(args.model)
     except ValueError as err:

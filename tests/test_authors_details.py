@@ -106,3 +106,11 @@ def test_a_pretraining_checkpoint_evaluates_its_own_resnet(tiny_data, tmp_path, 
     torch.save({"state_dict": own.state_dict()}, own_file)
     test_script.main([*common, "--policy", "firstk", "--k", "15", "--base_ckpt", own_file])
     assert printed_block(capsys.readouterr().out) == printed_block(from_pk)
+
+
+def test_test_py_checks_out_before_any_work(tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = error_line(test_script.main, ["--model", "R32_C10", "--data_dir", tiny_data["data_dir"],
+                                         "--out", str(blocker / "stats.json")], capsys)
+    assert "--out" in line and "cannot be created or written" in line

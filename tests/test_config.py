@@ -1,6 +1,7 @@
 """Configuration: defaults -> YAML -> explicit flags; every YAML in configs/ resolves."""
 import glob
 import os
+import re
 
 import pytest
 import yaml
@@ -84,3 +85,26 @@ def test_bad_yaml_is_a_clear_error(tmp_path, text, message):
 def test_missing_yaml_is_a_clear_error():
     with pytest.raises(ConfigError, match="not found"):
         resolve(finetune.build_parser(), ["--config", "/nonexistent/x.yaml"])
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("data_dir: 5\n", "'data_dir': 5 (expected text"),
+    ("cv_dir: [a, b]\n", "expected one value, got a list"),
+    ("lr: null\n", "'lr': None (expected a value, got null)"),
+    ("batch_size: [8]\n", "expected one value"),
+    ("lr: true\n", "expected a float"),
+    ("amp: fp8\n", "expected one of none, bf16"),
+    ("agent: lstm\n", "(expected one of act, blockdrop"),
+])
+def test_a_yaml_value_of_the_wrong_kind_is_refused_like_a_flag(text, needle, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: R32_C10\n" + text)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        resolve(finetune.build_parser(), ["--config", str(path)])
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: R32_C10\nlr: 1e-3\nbatch_size: [8\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:") + r"[34]: not valid YAML"):
+        resolve(finetune.build_parser(), ["--config", str(path)])

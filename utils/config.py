@@ -42,17 +42,30 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def _convert(action: argparse.Action, value: Any) -> Any:
-    if action.type is None or value is None:
+    if value is None:
+        if action.default is not None:
+            raise ValueError("expected a value, got null")
         return value
-    if isinstance(value, str) or action.type is float and isinstance(value, int):
-        return action.type(value)
-    if action.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+    if isinstance(value, (list, tuple, dict)):
+        raise ValueError(f"expected one value, got a {type(value).__name__}")
+    if action.type is None:
+        if not isinstance(value, str):
+            raise ValueError("expected text (quote it in YAML)")
+    elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected a {action.type.__name__}")
+    elif isinstance(value, str) or action.type is float and isinstance(value, int):
+        value = action.type(value)
+    elif action.type is int and not isinstance(value, int):
         raise ValueError("expected an integer")
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
     return value
 
 
 def _coerce(action: argparse.Action, value: Any, source: str) -> Any:
-    """Convert a YAML value with the flag's own type (YAML reads ``1e-3`` as a string)."""
+    """Convert a YAML value with the flag's own type (YAML reads ``1e-3`` as a string);
+    a value of the wrong kind (null for a flag with a default, a list for one value, a
+    number for a path, a choice not offered) is refused like a bad flag."""
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: '{action.dest}' must be true or false, got {value!r}")
@@ -74,7 +87,10 @@ def load_yaml(path: str) -> dict[str, Any]:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else path
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
