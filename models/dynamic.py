@@ -160,6 +160,23 @@ def run_blocks(rnet: Backbone, x: torch.Tensor, keep: torch.Tensor, start: int,
 
 
 # -- policies and rows ---------------------------------------------------------
+def run_on_rows(rnet: Backbone, t: int, h: torch.Tensor, residual: torch.Tensor,
+                keep: torch.Tensor) -> torch.Tensor:
+    """Block t on the rows of ``h`` whose (B,) ``keep`` is nonzero, written into
+    ``residual`` (one host synchronisation): a block no row keeps is not computed, one
+    every row keeps runs on the whole batch. The per-block step of the methods that
+    decide while the network runs (BlockDrop-seq, SkipNet, ConvNet-AIG)."""
+    rows = keep.detach().nonzero().view(-1)
+    n = rows.numel()
+    if n == 0:
+        return residual
+    if n == h.shape[0]:
+        return rnet.run_block(t, h, residual)
+    hs = gather(h, rows)
+    res = hs if residual is h else gather(residual, rows)
+    return write_rows(residual, rows, rnet.run_block(t, hs, res))
+
+
 def check_policy(policy: torch.Tensor, batch: int, num_blocks: int, values: bool = True) -> None:
     """Raise ValueError unless ``policy`` is a (batch, K) tensor of zeros and ones.
     ``values=False`` checks type, shape and dtype only (no device computation)."""

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet, get_spec
-from models.dynamic import chunk_size, gather, write_rows
+from models.dynamic import chunk_size, run_on_rows
 from models.export import Decision
 from utils.amp import autocast
 from utils.dist import unwrap, wrap
@@ -218,7 +218,7 @@ def aig_pass(rnet: FlatResNet, agent: AIGAgent, x: torch.Tensor,
             z = torch.ones_like(z)
         residual = rnet.residual(t, h)
         if mode == "grouped":
-            h = _grouped_block(rnet, t, h, residual, z)
+            h = run_on_rows(rnet, t, h, residual, z)
         else:
             m = z.to(h.dtype).view(-1, 1, 1, 1)  # exact selection for 0/1 values
             h = rnet.run_block(t, h, residual) * m + residual * (1 - m)
@@ -226,19 +226,6 @@ def aig_pass(rnet: FlatResNet, agent: AIGAgent, x: torch.Tensor,
         softs.append(soft)
     return AIGOutput(rnet.head(h), torch.stack(gates, 1), torch.stack(softs, 1))
 
-
-def _grouped_block(rnet: FlatResNet, t: int, h: torch.Tensor, residual: torch.Tensor,
-                   keep: torch.Tensor) -> torch.Tensor:
-    """Only the rows that keep block t run it (one host synchronisation)."""
-    rows = keep.detach().nonzero().view(-1)
-    n = rows.numel()
-    if n == 0:
-        return residual
-    if n == h.shape[0]:
-        return rnet.run_block(t, h, residual)
-    hs = gather(h, rows)
-    res = hs if residual is h else gather(residual, rows)
-    return write_rows(residual, rows, rnet.run_block(t, hs, res))
 
 
 class AIGNet(nn.Module):

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet
-from models.dynamic import chunk_size, gather, write_rows
+from models.dynamic import chunk_size, run_on_rows
 from models.export import Decision
 from utils.amp import autocast
 from utils.dist import wrap
@@ -136,7 +136,7 @@ def seq_pass(rnet: FlatResNet, agent: SeqAgent, x: torch.Tensor,
         else:
             keep = (noise[:, t].to(s.device) < bounded_probs(s.detach(), alpha)).to(s.dtype)
         residual = rnet.residual(t, h)
-        h = _grouped_block(rnet, t, h, residual, keep) if mode == "grouped" else \
+        h = run_on_rows(rnet, t, h, residual, keep) if mode == "grouped" else \
             _masked_block(rnet, t, h, residual, keep)
         probs.append(s)
         decisions.append(keep)
@@ -149,19 +149,6 @@ def _masked_block(rnet: FlatResNet, t: int, h: torch.Tensor, residual: torch.Ten
     m = keep.to(h.dtype).view(-1, 1, 1, 1)
     return rnet.run_block(t, h, residual) * m + residual * (1 - m)
 
-
-def _grouped_block(rnet: FlatResNet, t: int, h: torch.Tensor, residual: torch.Tensor,
-                   keep: torch.Tensor) -> torch.Tensor:
-    """Only the rows that keep the block run it (one host synchronisation)."""
-    rows = keep.nonzero().view(-1)
-    n = rows.numel()
-    if n == 0:
-        return residual
-    if n == h.shape[0]:
-        return rnet.run_block(t, h, residual)
-    hs = gather(h, rows)
-    res = hs if residual is h else gather(residual, rows)
-    return write_rows(residual, rows, rnet.run_block(t, hs, res))
 
 
 class SeqSource(PolicySource):

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet
-from models.dynamic import chunk_size, gather, write_rows
+from models.dynamic import chunk_size, run_on_rows
 from models.export import Decision
 from utils.amp import autocast
 from utils.dist import wrap
@@ -207,7 +207,7 @@ def skip_pass(rnet: FlatResNet, agent: SkipGates, x: torch.Tensor,
             if straight and noise is None and t >= keep_first:
                 keep = keep + (prob - prob.detach())  # exactly 0/1 forward, dp/dθ backward
         residual = rnet.residual(t, h)
-        h = _grouped_block(rnet, t, h, residual, keep) if mode == "grouped" else \
+        h = run_on_rows(rnet, t, h, residual, keep) if mode == "grouped" else \
             _masked_block(rnet, t, h, residual, keep)
     gates = torch.stack(gate_logits, 1) if gate_logits else ones.new_zeros(len(ones), 0)
     return SkipOutput(rnet.head(h), gates, torch.stack(decisions, 1))
@@ -219,20 +219,6 @@ def _masked_block(rnet: FlatResNet, t: int, h: torch.Tensor, residual: torch.Ten
     m = keep.to(h.dtype).view(-1, 1, 1, 1)
     return rnet.run_block(t, h, residual) * m + residual * (1 - m)
 
-
-def _grouped_block(rnet: FlatResNet, t: int, h: torch.Tensor, residual: torch.Tensor,
-                   keep: torch.Tensor) -> torch.Tensor:
-    """Only the rows that keep the block run it (one host synchronisation); a block no row
-    keeps is not computed, one every row keeps runs on the whole batch."""
-    rows = keep.nonzero().view(-1)
-    n = rows.numel()
-    if n == 0:
-        return residual
-    if n == h.shape[0]:
-        return rnet.run_block(t, h, residual)
-    hs = gather(h, rows)
-    res = hs if residual is h else gather(residual, rows)
-    return write_rows(residual, rows, rnet.run_block(t, hs, res))
 
 
 class SkipNetPair(nn.Module):
