@@ -103,8 +103,9 @@ def backbone_costs(net: Backbone, image_size: int) -> tuple[int, tuple[int, ...]
 def flop_table(model_name: str) -> FlopTable:
     """The FlopTable of a registered model, measured once on a single image."""
     spec = get_spec(model_name)
-    rnet = build_resnet(spec).eval()
-    agent = build_policy(spec).eval()
+    with torch.random.fork_rng(devices=[]):  # measuring must not move the global generator
+        rnet = build_resnet(spec).eval()
+        agent = build_policy(spec).eval()
     fixed, blocks = backbone_costs(rnet, spec.image_size)
     x = torch.zeros(1, 3, spec.image_size, spec.image_size)
     policy = sum(module_flops(lambda: agent(x), agent).values())
