@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,7 @@ from utils.config import (add_device_args, add_fast_flags, add_model_arg, device
                           fast_options, make_parser)
 from utils.data import get_dataset
 from utils.engine import evaluate
+from utils.files import write_text
 from utils.budget import BudgetChoice, BudgetError, held_out_split, threshold_for_budget
 from utils.launch import error_path
 from utils.networks import Request, Setup, load_for_eval
@@ -161,18 +161,7 @@ def statistics(args: argparse.Namespace, spec: ModelSpec, setup: Setup, result,
 
 def write_json(obj: dict[str, Any], path: str) -> None:
     """Write ``obj`` to ``path`` through a temporary file and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def main(argv=None) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUND = {"utils.errors", "utils.dist", "utils.seeding", "utils.stats", "utils.checkpoint",
-          "utils.amp", "utils.timing"}
+          "utils.amp", "utils.timing", "utils.files"}
 FLOORS = ("ground", "networks", "methods", "application", "entry points")
 
 

@@ -9,37 +9,19 @@ file that cannot be read, or holds the wrong shape, is treated as absent and rec
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import time
 from typing import Any
 from collections.abc import Callable
 
 from utils.errors import UserError
 
+from utils.files import write_text
+
 
 class BookkeepingError(UserError, ValueError):
     """A file the reproduction wrote earlier cannot be read back."""
-
-
-def write_text(path: str, text: str) -> str:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def write_json(path: str, data: Any) -> str:
