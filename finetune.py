@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "continues")
     p.add_argument("--pretrained", default=None,
                    help="pretrained policy checkpoint (from curriculum training)")
+    p.add_argument("--agent_lr_scale", type=float, default=1.0,
+                   help="the agent (policy network, gates, halting units) trains at this "
+                        "multiple of --lr, the ResNet at --lr; 1 (default): one rate for "
+                        "both, as the authors' finetune.py")
     add_run_args(p)
     add_method_args(p, fixed_policies=True)
     add_fast_flags(p)
@@ -112,6 +116,31 @@ def load_models(args: argparse.Namespace, spec: ModelSpec,
     return rnet, agent, int(ckpt.get("epoch", -1)) + 1
 
 
+def param_groups(modules: dict[str, nn.Module], agent_scale: float) -> list[dict]:
+    """The trained parameters as optimizer groups: one group (the authors' optimizer) unless
+    the agent has its own rate, ``agent_scale`` x the ResNet's (``lr_scale``, which
+    ``utils.engine.set_lr`` applies at every epoch)."""
+    def trainable(keys):
+        return [p for k in keys for p in modules[k].parameters() if p.requires_grad]
+    if agent_scale == 1.0 or "agent" not in modules:
+        return [{"params": trainable(modules)}]
+    others = [k for k in modules if k != "agent"]
+    return [{"params": trainable(others)},
+            {"params": trainable(["agent"]), "lr_scale": agent_scale}]
+
+
+def finetune_problems(args: argparse.Namespace) -> list[str]:
+    """The method's checks, and an agent rate that is a positive number."""
+    problems = method_problems(args)
+    scale = args.agent_lr_scale
+    if not (0 < scale < float("inf")):
+        problems.append(f"--agent_lr_scale must be a finite number > 0, got {scale}")
+    elif scale != 1.0 and not chosen_method(args).learned:
+        problems.append("--agent_lr_scale applies to a learned --agent; a fixed --policy or "
+                        "--stochastic_depth trains the ResNet alone")
+    return problems
+
+
 def build_stage(args: argparse.Namespace, spec: ModelSpec,
                 networks: tuple[FlatResNet, nn.Module | None, int], test_loader: DataLoader,
                 ctx: Context) -> Plan:
@@ -127,8 +156,8 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
         module.to(ctx.device)
     trained, train_step = method.train_step(FINETUNE, args, rnet, agent, ctx)
     source = build_source(method.name, spec, agent=agent, k=args.k, seed=args.seed)
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    optimizer = make_adam(params, args.lr, args.wd, args.adam_legacy_eps)
+    optimizer = make_adam(param_groups(modules, args.agent_lr_scale), args.lr, args.wd,
+                          args.adam_legacy_eps)
 
     def step_for(epoch: int):
         def step(inputs, targets, indices):
@@ -155,7 +184,7 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
     return Plan(stage, start_epoch, args.max_epochs + 1, test_every(args.test_every))
 
 
-SCRIPT = Script(PROG, build_parser, load_models, build_stage, checks=method_problems,
+SCRIPT = Script(PROG, build_parser, load_models, build_stage, checks=finetune_problems,
                 kept_on_resume=("agent", "policy", "k", "seed", "stochastic_depth"))
 
 

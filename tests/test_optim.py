@@ -86,3 +86,54 @@ def test_legacy_adam_resumes_from_a_torch_adam_state():
     back.load_state_dict(legacy.state_dict())
     back.step()
     assert int(back.state[p]["step"]) == 3
+
+
+def test_agent_lr_scale_gives_the_agent_its_own_rate(tiny_data, tiny_args, tmp_path,
+                                                      monkeypatch):
+    import finetune
+
+    built = []
+    original = finetune.make_adam
+
+    def spy(params, lr, wd, legacy):
+        built.append(original(params, lr, wd, legacy))
+        return built[-1]
+    monkeypatch.setattr(finetune, "make_adam", spy)
+    finetune.main(tiny_args(tmp_path / "ft", "--base_ckpt", tiny_data["base"], "--agent",
+                            "skipnet", "--max_epochs", "1", "--epoch_step", "1", "--lr", "1e-3",
+                            "--agent_lr_scale", "20", "--test_every", "5"))
+    groups = built[0].param_groups
+    assert len(groups) == 2
+    resnet, agent = groups
+    assert math.isclose(resnet["lr"], 1e-4) and math.isclose(agent["lr"], 2e-3)  # decayed at 1
+    from policies.skipnet import build_skip_gates
+    from models import get_spec
+    gates = build_skip_gates(get_spec("R32_C10"))
+    assert [p.shape for p in agent["params"]] == [p.shape for p in gates.parameters()]
+
+
+def test_one_rate_keeps_the_authors_single_group(tiny_data, tiny_args, tmp_path, monkeypatch):
+    import finetune
+
+    built = []
+    original = finetune.make_adam
+    monkeypatch.setattr(finetune, "make_adam",
+                        lambda *a: built.append(original(*a)) or built[-1])
+    finetune.main(tiny_args(tmp_path / "ft", "--base_ckpt", tiny_data["base"],
+                            "--max_epochs", "0", "--test_every", "5"))
+    assert len(built[0].param_groups) == 1
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--agent_lr_scale", "0"], "--agent_lr_scale must be a finite number > 0, got 0.0"),
+    (["--agent_lr_scale", "nan"], "--agent_lr_scale must be a finite number > 0, got nan"),
+    (["--agent_lr_scale", "10", "--policy", "firstk", "--k", "5"],
+     "--agent_lr_scale applies to a learned --agent"),
+])
+def test_bad_agent_lr_scale(extra, expected, tiny_data, tiny_args, tmp_path, capsys):
+    import finetune
+    from helpers import error_line
+
+    line = error_line(finetune.main, tiny_args(tmp_path / "ft", "--base_ckpt",
+                                               tiny_data["base"], *extra), capsys)
+    assert expected in line

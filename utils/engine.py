@@ -120,8 +120,9 @@ def multistep_lr(epoch: int, lr0: float, decay: float, milestones: Sequence[int]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """``lr`` for every parameter group, times the group's ``lr_scale`` where it has one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def classifier_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
