@@ -11,14 +11,17 @@ keep policy it ran. It is built from two parts:
   keep vector (Table 1's FirstK, RandomK, DistributeK), whose dropped blocks are
   simply absent from the graph; :class:`SeqDecision` BlockDrop-seq's gates,
   where gate t decides from the input of block t (supplement, ``models.seq``).
-  Another method is one more subclass.
+  Another method is one more subclass. A :class:`StageDecision` runs whole block
+  stages itself (ACT, ``policies.act``, whose stage passes on a weighted sum of its
+  blocks' outputs), on the backbone's blocks and the same row helpers.
 * the **backbone** (:class:`ExportedBlockDrop`): the ResNet (an inference copy,
   BatchNorm folded, ``models.fast``) run block by block. For a block decided per
   image the rows that keep it are found (``NonZero``), gathered (``Gather``), run
   through the block and written back into the residual (``ScatterND``); every
   other row passes its residual on. So a block is computed only for the images
   that keep it, at any batch size, and a block kept by no image runs on an empty
-  tensor (ONNX Runtime handles 0-row convolutions).
+  tensor (ONNX Runtime handles 0-row convolutions). :func:`gather_rows` and
+  :func:`scatter_rows` are the row indexing every decision shares.
 
 :func:`export_onnx` writes such a module with ``torch.onnx.export`` (the
 ``torch.export``-based exporter, ``dynamo=True``), rewrites the row indexing into
@@ -50,7 +53,7 @@ OUTPUT_NAMES = ("logits", "policy")
 METADATA_KEYS = ("blockdrop.model", "blockdrop.method", "blockdrop.input_size",
                  "blockdrop.num_blocks", "blockdrop.num_classes", "blockdrop.opset",
                  "blockdrop.kept_blocks", "blockdrop.mean", "blockdrop.std",
-                 "blockdrop.policy_flops")
+                 "blockdrop.policy_flops", "blockdrop.block_decision_flops")
 
 
 class ExportError(ValueError):
@@ -65,11 +68,14 @@ class Decision(nn.Module):
     one-shot decision: the whole (B, K) bool policy). ``keep(t, h, state)`` is the
     (B,) bool decision for block ``t``, given ``h``, the input of block t. A
     decision that is the same for every image sets ``fixed`` (K bools): the graph
-    then holds only the kept blocks and no per-image machinery.
+    then holds only the kept blocks and no per-image machinery. ``block_flops`` (K
+    ints): what deciding costs an image per block it runs, where that depends on the
+    path (ACT's halting units); None: the constant ``blockdrop.policy_flops``.
     """
 
     method: str = ""
     fixed: tuple[bool, ...] | None = None
+    block_flops: tuple[int, ...] | None = None
 
     def begin(self, x: torch.Tensor):
         return None
@@ -106,10 +112,24 @@ class FixedDecision(Decision):
         self.fixed = tuple(bool(v) for v in torch.as_tensor(vector).reshape(-1).tolist())
 
 
+class StageDecision(Decision):
+    """A decision that runs each block stage itself, for a method whose stage is not a
+    residual chain of kept and dropped blocks (ACT: the stage passes on a weighted sum
+    of its blocks' outputs, and stops per image). ``run_stage(net, s, blocks, h)`` gets
+    the :class:`ExportedBlockDrop` (its ``rnet`` and ``run_block``), the stage index,
+    the stage's flat block indices and the stage input (B, C, H, W); it returns the
+    stage output and one (B,) bool column per block: the images that ran it. Rows are
+    picked and written back with :func:`gather_rows` and :func:`scatter_rows`."""
+
+    def run_stage(self, net: ExportedBlockDrop, s: int, blocks: range,
+                  h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+
 # -- (b) the backbone, block by block ------------------------------------------------
 class ExportedBlockDrop(nn.Module):
-    """``forward(images) -> (logits, policy)``: the ResNet run under ``decision``,
-    each per-image block on the rows that keep it only."""
+    """``forward(images) -> (logits, policy)``: the ResNet run under ``decision``, stage
+    by stage, each per-image block on the rows that run it only."""
 
     def __init__(self, rnet: FlatResNet, decision: Decision):
         super().__init__()
@@ -118,23 +138,18 @@ class ExportedBlockDrop(nn.Module):
                              f"{rnet.num_blocks} blocks")
         self.rnet = rnet
         self.decision = decision
+        starts = [sum(rnet.layers[:s]) for s in range(len(rnet.layers))]
+        self.stages = [range(t, t + count) for t, count in zip(starts, rnet.layers,
+                                                               strict=True)]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rnet, decision = self.rnet, self.decision
         state = decision.begin(x)
         h = rnet.stem(x)
         columns = []
-        for t in range(rnet.num_blocks):
-            residual = rnet.residual(t, h)
-            if decision.fixed is not None:
-                if decision.fixed[t]:
-                    h = self._block(t, h, residual)
-                else:
-                    h = residual
-                continue
-            keep = decision.keep(t, h, state)
-            columns.append(keep)
-            h = self._rows(t, h, residual, keep)
+        for s, blocks in enumerate(self.stages):
+            h, ran = self.run_stage(s, blocks, h, state)
+            columns += ran
         logits = rnet.head(h)
         if decision.fixed is not None:
             flags = torch.tensor(decision.fixed, dtype=torch.uint8, device=x.device)
@@ -145,8 +160,27 @@ class ExportedBlockDrop(nn.Module):
             policy = torch.stack(columns, 1).to(torch.uint8)
         return logits, policy
 
-    def _block(self, t: int, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """A kept block on every row of ``h``: relu(residual + F(h))."""
+    def run_stage(self, s: int, blocks: range, h: torch.Tensor,
+                  state) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage ``s``: its output and the (B,) keep column of each per-image block. A
+        :class:`StageDecision` runs it; otherwise block by block, each kept block on the
+        rows that keep it (a fixed decision: the kept blocks on every row)."""
+        decision = self.decision
+        if isinstance(decision, StageDecision):
+            return decision.run_stage(self, s, blocks, h)
+        columns = []
+        for t in blocks:
+            residual = self.rnet.residual(t, h)
+            if decision.fixed is not None:
+                h = self.run_block(t, h, residual) if decision.fixed[t] else residual
+                continue
+            keep = decision.keep(t, h, state)
+            columns.append(keep)
+            h = self._rows(t, h, residual, keep)
+        return h, columns
+
+    def run_block(self, t: int, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Block ``t`` on every row of ``h``: relu(residual + F(h))."""
         return F.relu(self.rnet.block(t)(h) + residual)
 
     def _rows(self, t: int, h: torch.Tensor, residual: torch.Tensor,
@@ -154,9 +188,21 @@ class ExportedBlockDrop(nn.Module):
         """Block ``t`` on the rows of ``h`` where ``keep`` (B,) is true, written into
         ``residual``; the other rows keep their residual."""
         rows = torch.nonzero(keep).reshape(-1)
-        hs = h.index_select(0, rows)
-        res = hs if residual is h else residual.index_select(0, rows)
-        return residual.index_copy(0, rows, self._block(t, hs, res))
+        hs = gather_rows(h, rows)
+        res = hs if residual is h else gather_rows(residual, rows)
+        return scatter_rows(residual, rows, self.run_block(t, hs, res))
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows ``rows`` (n,) int64 of ``x``, in that order (``Gather``; ``GatherND``
+    after :func:`index_rows_directly`)."""
+    return x.index_select(0, rows)
+
+
+def scatter_rows(base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``base`` with its rows ``rows`` (n,) replaced by ``values`` (n, ...): a new tensor
+    (``ScatterND``)."""
+    return base.index_copy(0, rows, values)
 
 
 def exportable(rnet: FlatResNet, decision: Decision) -> ExportedBlockDrop:
@@ -179,7 +225,8 @@ def export_onnx(module: ExportedBlockDrop, path: str, *, model: str, input_size:
     dimension (``torch.onnx.export``, the ``torch.export``-based exporter) and its
     metadata (:data:`METADATA_KEYS`); returns the metadata. ``mean``/``std``: the
     normalisation the model expects of its input (None: raw [0, 1] pixels); ``extra``:
-    more ``blockdrop.*`` entries (e.g. ``blockdrop.policy_flops``)."""
+    more ``blockdrop.*`` entries (e.g. ``blockdrop.policy_flops``). A decision with
+    ``block_flops`` records them as ``blockdrop.block_decision_flops``."""
     import onnx
 
     x = torch.rand(2, 3, input_size, input_size)
@@ -206,6 +253,9 @@ def export_onnx(module: ExportedBlockDrop, path: str, *, model: str, input_size:
         "blockdrop.std": "none" if std is None else ",".join(f"{v:.6g}" for v in std),
         **(extra or {}),
     }
+    if decision.block_flops is not None:
+        meta["blockdrop.block_decision_flops"] = ",".join(str(int(f))
+                                                         for f in decision.block_flops)
     onnx.helper.set_model_props(proto, meta)
     proto.producer_name = "blockdrop"
     folder = os.path.dirname(os.path.abspath(path))

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet
 from models.dynamic import chunk_size, gather, write_rows
+from models.export import ExportedBlockDrop, StageDecision, gather_rows, scatter_rows
 from utils.amp import autocast
 from utils.dist import wrap
 
@@ -350,6 +351,66 @@ def calibrate_halting(agent: HaltingUnits, rnet: FlatResNet, images: torch.Tenso
         t0 += count
 
 
+# -- the exported graph (models.export, docs/export.md) -------------------------------
+class ActDecision(StageDecision):
+    """ACT in an exported graph: each block stage runs as :func:`_dynamic_stage` does,
+    with the threshold baked in. The first block runs on every image; block n > 1 runs
+    on the rows whose stage has not halted, gathered from the previous block's output;
+    the halting-weighted output ``p_n · y_n`` is added into the stage output at those
+    rows. A stage all of whose images halted runs its remaining blocks on 0 rows."""
+
+    method = "act"
+
+    def __init__(self, agent: HaltingUnits, threshold: float):
+        super().__init__()
+        self.agent = agent
+        self.threshold = float(threshold)
+        self.block_flops = agent.unit_costs
+
+    def run_stage(self, net: ExportedBlockDrop, s: int, blocks: range,
+                  h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        batch, last = h.shape[0], len(blocks) - 1
+        y = net.run_block(blocks[0], h, net.rnet.residual(blocks[0], h))
+        ran = [torch.ones(batch, dtype=torch.bool, device=h.device)]
+        if last == 0:
+            return y, ran
+        score = self.agent.score(s, 0, y)  # Σ_{i<1} h_i = 0: p_1 = 1 where block 1 halts
+        halted = score >= self.threshold
+        out = _weigh(torch.where(halted, torch.ones_like(score), score), y)
+        rows = torch.nonzero(~halted).reshape(-1)  # the images still running
+        h, cum = gather_rows(y, rows), gather_rows(score, rows)
+        for n in range(1, last):
+            ran.append(_marked(rows, batch))
+            y = net.run_block(blocks[n], h, h)
+            score = self.agent.score(s, n, y)
+            total = cum + score
+            halted = total >= self.threshold
+            out = _add_rows(out, rows, _weigh(torch.where(halted, 1 - cum, score), y))
+            keep = torch.nonzero(~halted).reshape(-1)
+            rows, h, cum = gather_rows(rows, keep), gather_rows(y, keep), gather_rows(total, keep)
+        ran.append(_marked(rows, batch))
+        y = net.run_block(blocks[last], h, h)
+        return _add_rows(out, rows, _weigh(1 - cum, y)), ran  # the last block: the remainder
+
+
+def _weigh(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``p_n · y_n``: the (n,) halting weights times the (n, C, H, W) block outputs."""
+    return p.to(y.dtype).reshape(-1, 1, 1, 1) * y
+
+
+def _add_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``out`` with ``values`` added at its rows ``rows``."""
+    return scatter_rows(out, rows, gather_rows(out, rows) + values)
+
+
+def _marked(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """(batch,) bool, true at ``rows`` (scattered as a column: the exporter writes a 1-d
+    ``index_copy`` with an untyped attribute and warns)."""
+    ones = torch.ones(rows.shape[0], 1, dtype=torch.bool, device=rows.device)
+    return scatter_rows(torch.zeros(batch, 1, dtype=torch.bool, device=rows.device), rows,
+                        ones)[:, 0]
+
+
 # -- the method ---------------------------------------------------------------------
 class Act(Method):
     """ACT (Graves 2016) on the ResNet's block stages, as in Figurnov et al. 2017 (Sec. 2):
@@ -410,9 +471,11 @@ class Act(Method):
 
     def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
                         source: PolicySource) -> nn.Module:
-        raise PolicySourceError("the act method does not export to ONNX: a block stage's "
-                                "output is the halting-weighted sum of its blocks' outputs, "
-                                "not the residual chain the exported graph runs")
+        """Each block stage as ACT runs it, at the source's threshold (default 1 - ε)."""
+        threshold = source.threshold
+        if threshold is None:
+            threshold = 1.0 - float(agent.eps)
+        return ActDecision(agent, threshold)
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:

@@ -1,6 +1,7 @@
 """ONNX export (models.export, scripts.export, utils.onnx_eval): ONNX Runtime gives the
 policies, predictions and logits of PyTorch at batch 1 and 5, for BlockDrop (blocks kept
-by every row, by none and by some) and each fixed heuristic; files load with
+by every row, by none and by some), ACT (block stages halted after their first block by
+every row, by none and by some) and every other registered method; files load with
 onnxruntime alone; bad input ends in one line."""
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ from models import get_model, get_spec
 from models.export import (ExportError, FixedDecision, PolicyNetDecision, check_metadata,
                            export_onnx, exportable, read_metadata)
 from models.flops import flop_table
+from policies.act import ActDecision, ActSource, build_halting_units, halting_flops
 from policies.blockdrop import AgentSource
 from policies.fixed import FixedSource, fixed_vector
+from policies.method import Method
 from policies.registry import get_method, method_names
 from policies.seq import SeqDecision, SeqSource, build_seq_agent
 from policies.source import PolicySourceError
 from scripts import export as export_script
-from utils.onnx_eval import OnnxModelError, evaluate_onnx
+from utils.data import get_dataset
+from utils.onnx_eval import OnnxModelError, evaluate_onnx, per_image_flops
 from utils.stats import format_eval_block, policy_stats
 
 R32 = get_spec("R32_C10")
@@ -42,12 +46,12 @@ def _ort(path: str, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return tuple(session.run(None, {"images": x.numpy()}))
 
 
-def _compare(path: str, rnet, source, x: torch.Tensor) -> np.ndarray:
-    """ONNX Runtime on ``x`` against ``source.run`` in PyTorch: the same policy and
-    predictions, logits to float rounding. Returns the policy."""
+def _compare(path: str, rnet, source, x: torch.Tensor, dynamic: bool = True) -> np.ndarray:
+    """ONNX Runtime on ``x`` against ``source.run`` in PyTorch (``dynamic``, or masked):
+    the same policy and predictions, logits to float rounding. Returns the policy."""
     logits, policy = _ort(path, x)
     with torch.no_grad():
-        ref_logits, ref_policy = source.run(rnet, x)
+        ref_logits, ref_policy = source.run(rnet, x, dynamic=dynamic)
     assert policy.dtype == np.uint8 and policy.shape == (x.shape[0], R32.num_blocks)
     np.testing.assert_array_equal(policy, ref_policy.numpy().astype(np.uint8))
     np.testing.assert_array_equal(logits.argmax(1), ref_logits.argmax(1).numpy())
@@ -131,6 +135,90 @@ def test_seq_matches_pytorch(nets, tmp_path):
     for x in (_images(1, 0), _images(5, 1)):
         policy = _compare(path, rnet, SeqSource(agent), x)
         assert policy[:, 1].all() and not policy[:, 2].any()
+
+
+ACT_BATCH = 5  # the images of the ACT tests: _images(ACT_BATCH, 1), together and one by one
+ACT_STAGES = (range(0, 5), range(5, 10), range(10, 15))  # R32_C10's block stages
+
+
+@pytest.fixture(scope="module")
+def act_units(nets):
+    """ACT halting units for the ``nets`` ResNet: stage 1 halts after its first block for
+    every image (h_1 = 1), stage 2 for none (h = 0: all five blocks, the last with the
+    remainder 1), stage 3 after its first block for three of the five images and after
+    its third (h_2 = h_3 = 0.5) for the other two, with wide margins."""
+    rnet, _ = nets
+    torch.manual_seed(4)
+    agent = build_halting_units(R32).eval()
+    with torch.no_grad():
+        for unit in agent.units[0]:
+            unit.bias.fill_(1e4)
+        for unit in agent.units[1]:
+            unit.bias.fill_(-1e4)
+        h = rnet.stem(_images(ACT_BATCH, 1))
+        for t in (0, *ACT_STAGES[1], ACT_STAGES[2][0]):  # the blocks the images run up to
+            h = rnet.run_block(t, h, rnet.residual(t, h))  # unit 1 of stage 3 reads
+        first, *rest = agent.units[2]
+        margin = h.mean((2, 3)) @ first.weight.view(-1)
+        cut = margin.sort().values[1:3].mean()  # between the 2nd and 3rd image
+        scale = 30.0 / float((margin - cut).abs().min())  # |logit| >= 30: h_1 is 0 or 1
+        first.weight.mul_(scale)
+        first.bias.fill_(-float(cut) * scale)
+        for unit in rest:
+            unit.weight.zero_()
+            unit.bias.zero_()
+    return agent
+
+
+@pytest.fixture(scope="module")
+def act_onnx(nets, act_units, tmp_path_factory):
+    rnet, _ = nets
+    path = str(tmp_path_factory.mktemp("onnx") / "act.onnx")
+    meta = export_onnx(exportable(rnet, ActDecision(act_units, 1 - float(act_units.eps))),
+                       path, model="R32_C10", input_size=32)
+    return path, meta
+
+
+def test_act_matches_pytorch_at_batch_1_and_5(nets, act_units, act_onnx):
+    """Each stage of the exported ACT model halts as ``ActSource.run`` does, dynamic and
+    masked: after the first block for every row (the other blocks run on 0 rows), for no
+    row, and for some rows, at batch 5 and at batch 1 (a row's halted blocks: 0 rows)."""
+    rnet, _ = nets
+    path, meta = act_onnx
+    source = ActSource(act_units)
+    x = _images(ACT_BATCH, 1)
+    for dynamic in (True, False):
+        batch = _compare(path, rnet, source, x, dynamic)
+        singles = np.concatenate([_compare(path, rnet, source, x[i:i + 1], dynamic)
+                                  for i in range(ACT_BATCH)])
+        np.testing.assert_array_equal(singles, batch)
+    stages = [batch[:, list(blocks)].sum(1) for blocks in ACT_STAGES]
+    assert (stages[0] == 1).all() and (stages[1] == 5).all()
+    assert sorted(stages[2].tolist()) == [1, 1, 1, 3, 3]
+    assert batch[:, list(ACT_STAGES[2])].tolist().count([1, 1, 1, 0, 0]) == 2
+    assert meta["blockdrop.method"] == "act" and meta["blockdrop.kept_blocks"] == "per image"
+    # FLOPs as test.py counts them: each image's halting units, not all of them
+    table, policy = flop_table("R32_C10"), torch.from_numpy(batch)
+    np.testing.assert_array_equal(
+        per_image_flops(meta, table, policy),
+        table.per_image(policy, include_policy=False) + halting_flops(act_units, policy))
+
+
+def test_act_graph_runs_later_blocks_on_the_running_rows(act_onnx):
+    """A stage's first block runs on every row; each later block on the rows gathered
+    from the previous block's output (one row search per halting unit)."""
+    import onnx
+
+    path, _ = act_onnx
+    nodes = onnx.load(path).graph.node
+    producer = {out: node.op_type for node in nodes for out in node.output}
+    units = sum(len(blocks) - 1 for blocks in ACT_STAGES)
+    ops = [node.op_type for node in nodes]
+    assert ops.count("NonZero") == ops.count("Sigmoid") == units
+    # a block's first convolution reads gathered rows exactly for the non-first blocks
+    firsts = [node for node in nodes if node.op_type == "Conv"][1::2]
+    assert [producer.get(node.input[0]) == "GatherND" for node in firsts] == [
+        b != blocks[0] for blocks in ACT_STAGES for b in blocks]
 
 
 def test_file_runs_with_onnxruntime_alone(blockdrop_onnx, tmp_path):
@@ -259,12 +347,45 @@ def test_test_py_onnx_prints_the_block_of_the_checkpoint(nets, tiny_data, tmp_pa
     assert onnx in line and "R32_C10" in line
 
 
+def test_act_checkpoint_exports_checks_and_evaluates_like_test_py(nets, tiny_data, tmp_path,
+                                                                  capsys):
+    """``scripts.export --check`` on an ACT checkpoint with ``--threshold 0.9`` baked in,
+    then ``test.py --onnx`` prints the block of ``test.py --load --threshold 0.9``
+    (FLOPs: each image's halting units, from the file's metadata)."""
+    rnet, _ = nets
+    testset = get_dataset(R32, tiny_data["data_dir"], train=False)
+    images = torch.stack([testset[i][0] for i in range(len(testset))])
+    g = torch.Generator().manual_seed(0)  # calibrated on other images than the test set's
+    noisy = images.repeat(4, 1, 1, 1) + 0.5 * torch.randn(32, 3, 32, 32, generator=g)
+    agent = build_halting_units(R32).eval()
+    get_method("act").calibrate(agent, rnet, noisy, 0.5, g)
+    ckpt = str(tmp_path / "act.t7")
+    torch.save({"agent": agent.state_dict(), "resnet": rnet.state_dict(), "model": "R32_C10",
+                "agent_type": "act"}, ckpt)
+    onnx = str(tmp_path / "act.onnx")
+    result = export_script.main(["--model", "R32_C10", "--load", ckpt, "--threshold", "0.9",
+                                 "--out", onnx, "--check", "--check_images", "5"])
+    check = result["check"]
+    assert check["same_policies"] and check["same_predictions"]
+    assert check["max_logit_diff"] <= 1e-4 * max(check["max_logit"], 1.0)
+    assert result["metadata"]["blockdrop.method"] == "act"
+    assert "policies identical: True" in capsys.readouterr().out
+    common = ["--model", "R32_C10", "--data_dir", tiny_data["data_dir"], "--workers", "0",
+              "--batch_size", "3"]
+    test_script.main([*common, "--load", ckpt, "--threshold", "0.9"])
+    torch_block = printed_block(capsys.readouterr().out)
+    assert "Unique Policies: 1\n" not in torch_block + "\n", torch_block  # decisions vary
+    test_script.main([*common, "--onnx", onnx])
+    assert printed_block(capsys.readouterr().out) == torch_block
+
+
 @pytest.mark.parametrize("name", [n for n in method_names()
                                   if n not in ("blockdrop", "seq", "firstk", "randomk",
                                                "distributek")])
-def test_every_other_registered_method_exports_or_says_why(name, tmp_path):
-    """Each method the tests above do not cover: ONNX Runtime against its PyTorch source at
-    batch 1 and 5 (random weights calibrated to spread the decisions), or one clear line."""
+def test_every_other_registered_method_exports(name, tmp_path):
+    """Each method the tests above do not cover (ACT included): ONNX Runtime against its
+    PyTorch source at batch 1 and 5, on random weights calibrated to spread the
+    decisions."""
     method = get_method(name)
     torch.manual_seed(2)
     rnet = randomize_bn(get_model("R32_C10")[0]).eval()
@@ -275,12 +396,17 @@ def test_every_other_registered_method_exports_or_says_why(name, tmp_path):
             method.calibrate(agent, rnet, _images(16, 5), 0.5, torch.Generator().manual_seed(0))
     k = None if method.learned or method.selected_by else 7  # a regime keeps every block
     source = method.source(R32, agent, k=k)
-    try:
-        decision = method.export_decision(R32, agent, source)
-    except PolicySourceError as err:
-        assert name in str(err) and "\n" not in str(err)
-        return
+    decision = method.export_decision(R32, agent, source)
     path = str(tmp_path / f"{name}.onnx")
     export_onnx(exportable(rnet, decision), path, model="R32_C10", input_size=32)
     for x in (_images(1, 0), _images(5, 1)):
         _compare(path, rnet, source, x)
+
+
+def test_a_method_without_export_is_refused_in_one_line():
+    class Unexported(Method):
+        name = "unexported"
+
+    with pytest.raises(PolicySourceError, match="^the unexported method does not export to "
+                                                "ONNX$"):
+        Unexported().export_decision(R32, None, None)

@@ -91,7 +91,13 @@ def evaluate_onnx(path: str, spec, loader: Iterable,
 
 def per_image_flops(meta: dict[str, str], table, policies: torch.Tensor) -> np.ndarray:
     """FLOPs of each image as test.py counts them: the ResNet under its policy
-    (``table``: ``utils.flops.flop_table``) plus what deciding costs
-    (``blockdrop.policy_flops`` of the file's metadata)."""
-    decide = int(meta.get("blockdrop.policy_flops", "0"))
+    (``table``: ``utils.flops.flop_table``) plus what deciding costs: the cost of
+    each block the image ran where the file records one (``blockdrop.block_decision_flops``,
+    ACT's halting units), else ``blockdrop.policy_flops`` of the file's metadata."""
+    per_block = meta.get("blockdrop.block_decision_flops")
+    if per_block is not None:
+        costs = torch.tensor([int(v) for v in per_block.split(",")], dtype=torch.int64)
+        decide = policies.to(torch.int64) @ costs
+    else:
+        decide = int(meta.get("blockdrop.policy_flops", "0"))
     return (table.per_image(policies, include_policy=False) + decide).numpy()
