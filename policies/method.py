@@ -71,6 +71,8 @@ class Method:
     # a training regime chosen by its own flag (e.g. --stochastic_depth P) rather than by
     # --agent/--policy: the dest of that flag; the method is chosen when it is set
     selected_by: str | None = None
+    # a variant that takes another method's flags (added once, by that method): its name
+    options_of: str | None = None
 
     def __init__(self) -> None:
         self.option_defaults: dict[str, Any] = {}

@@ -128,8 +128,9 @@ def option_problems(args: argparse.Namespace, chosen: str | None) -> list[str]:
     """The chosen method's checks, and flags of other methods that were set (a regime's
     selecting flag given with another method is left to the regime's own check)."""
     problems = [] if chosen is None else list(get_method(chosen).check_options(args))
+    own = {chosen, None if chosen is None else get_method(chosen).options_of}
     for method in METHODS.values():
-        if method.name == chosen:
+        if method.name in own:
             continue
         for dest, default in method.option_defaults.items():
             if dest != method.selected_by and getattr(args, dest, default) != default:

@@ -25,6 +25,13 @@ Training is the peer's hybrid learning, in the ``finetune`` stage:
   gate t is G_t = Σ_{j≥t} γ^{j−t} r_j − γ^{N−t}·CE, and the loss is
   CE + λ·mean_i Σ_t −log π(g_it)·G_it (REINFORCE, λ = ``--skip_rl_weight``).
 
+``--agent skipnet_ff`` puts the peer's feed-forward gate (its FFGate-II) before each
+block instead: the block's input h_{t-1} goes through one 3x3 convolution of stride 2
+(C -> C), BatchNorm and ReLU, is global-average-pooled and mapped linearly to the keep
+logit, p_t = σ(w_t · pool(relu(BN(conv_t(h_{t-1})))) + b_t); no state is carried
+between gates. Training and test rule are the same as the recurrent gate's, with the
+same flags.
+
 The equations are the small functions below (:func:`lstm_cell`,
 :func:`skip_rewards`, :func:`discounted_returns`, :func:`hrl_loss`).
 """
@@ -159,6 +166,83 @@ def build_skip_gates(spec: ModelSpec) -> SkipGates:
     with torch.device("meta"):  # only the layout is read
         rnet = build_resnet(spec)
     return SkipGates(block_in_channels(rnet))
+
+
+class FeedforwardGates(nn.Module):
+    """SkipNet's feed-forward gates (the peer's FFGate-II) for a ResNet of K blocks: for
+    each gated block t = 1..K-1, ``Conv2d(C, C, 3, stride 2)`` + BatchNorm + ReLU on the
+    block's input, global average pooling and ``Linear(C, 1)`` to the keep logit. The peer
+    maps to two logits and keeps with probability softmax[1] = σ(l_1 - l_0); one logit is
+    the same family of functions. ``in_sizes``: the input resolution of each block (for
+    the FLOP count)."""
+
+    def __init__(self, in_channels: Sequence[int], in_sizes: Sequence[int]):
+        super().__init__()
+        self.in_channels: tuple[int, ...] = tuple(in_channels)
+        self.in_sizes: tuple[int, ...] = tuple(in_sizes)
+        gated = self.in_channels[1:]
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1, bias=False)
+                                   for c in gated)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in gated)
+        self.proj = nn.ModuleList(nn.Linear(c, 1) for c in gated)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.in_channels)
+
+    @property
+    def flops(self) -> int:
+        """FLOPs of the K-1 gates per image: the stride-2 convolution (2·9·C²·out²,
+        out = ⌈size/2⌉) and the Linear (2·C); BatchNorm, ReLU and pooling are free."""
+        total = 0
+        for c, size in zip(self.in_channels[1:], self.in_sizes[1:], strict=True):
+            out = (size + 1) // 2
+            total += 2 * 9 * c * c * out * out + 2 * c
+        return total
+
+    def initial_state(self, h: torch.Tensor) -> None:
+        return None
+
+    def features(self, t: int, h: torch.Tensor) -> torch.Tensor:
+        """The pooled features gate t (t ≥ 1) reads from block t's input ``h``."""
+        y = F.relu(self.bns[t - 1](self.convs[t - 1](h)))
+        return y.mean((2, 3)).to(self.proj[t - 1].weight.dtype)
+
+    def step(self, t: int, h: torch.Tensor, state: None):
+        """Gate t (t ≥ 1) on block t's input ``h``: ``(keep logit (B,), None)``."""
+        return self.proj[t - 1](self.features(t, h)).squeeze(1), None
+
+    @torch.no_grad()
+    def start_keeping(self, prob: float = KEEP_START) -> None:
+        """Make every gate keep its block with probability about ``prob``."""
+        for proj in self.proj:
+            proj.weight.mul_(0.01)
+            proj.bias.fill_(math.log(prob / (1 - prob)))
+
+    @torch.no_grad()
+    def keep_all(self) -> None:
+        """Gates that keep every block (test.py without --load: the full network)."""
+        for proj in self.proj:
+            proj.weight.zero_()
+            proj.bias.fill_(30.0)
+
+
+def block_in_sizes(rnet: FlatResNet, image_size: int) -> list[int]:
+    """The input resolution of each residual block of ``rnet`` (a shape-only pass)."""
+    with torch.no_grad():
+        h = rnet.stem(torch.empty(1, 3, image_size, image_size, device="meta"))
+        sizes = []
+        for t in range(rnet.num_blocks):
+            sizes.append(h.shape[-1])
+            h = rnet.run_block(t, h, rnet.residual(t, h))
+    return sizes
+
+
+def build_ff_gates(spec: ModelSpec) -> FeedforwardGates:
+    """SkipNet's feed-forward gates for the base ResNet of ``spec`` (randomly initialised)."""
+    with torch.device("meta"):  # only the layout is read
+        rnet = build_resnet(spec)
+    return FeedforwardGates(block_in_channels(rnet), block_in_sizes(rnet, spec.image_size))
 
 
 # -- the interleaved pass -----------------------------------------------------------
@@ -350,6 +434,33 @@ def calibrate_gates(agent: SkipGates, rnet: FlatResNet, images: torch.Tensor,
         h = _masked_block(rnet, t, h, residual, keep)
 
 
+@torch.no_grad()
+def calibrate_ff_gates(agent: FeedforwardGates, rnet: FlatResNet, images: torch.Tensor,
+                       keep_fraction: float, generator: torch.Generator) -> None:
+    """Make untrained feed-forward gates look trained: each gate's linear map becomes a
+    random projection of its standardised features, and its bias keeps about the share
+    of ``images`` that makes the whole network (block 0 included) keep ``keep_fraction``
+    of its blocks."""
+    num = rnet.num_blocks
+    share = min(1.0, max(0.0, (keep_fraction * num - 1) / max(num - 1, 1)))
+    h = rnet.stem(images)
+    for t in range(num):
+        keep = torch.ones(len(images), device=h.device)
+        if t > 0:
+            feats = agent.features(t, h).float()
+            proj = agent.proj[t - 1]
+            w = torch.randn(proj.weight.shape, generator=generator).to(feats)
+            w = w / (feats.std(0) + 1e-6) / math.sqrt(feats.shape[1])
+            proj.weight.copy_(w)
+            margin = feats @ w.view(-1)  # rows above the (1 - share) quantile are kept
+            cut = float(torch.quantile(margin, 1.0 - share)) if 0 < share < 1 else \
+                float(margin.min()) - 1 if share >= 1 else float(margin.max()) + 1
+            proj.bias.fill_(-cut)
+            keep = (agent.step(t, h, None)[0] > 0).float()
+        residual = rnet.residual(t, h)
+        h = _masked_block(rnet, t, h, residual, keep)
+
+
 # -- the method ---------------------------------------------------------------------
 class SkipDecision(Decision):
     """SkipNet in an exported graph: block 0 always runs; before block t ≥ 1 the recurrent
@@ -358,10 +469,12 @@ class SkipDecision(Decision):
 
     method = "skipnet"
 
-    def __init__(self, agent: SkipGates, threshold: float = TEST_THRESHOLD):
+    def __init__(self, agent: nn.Module, threshold: float = TEST_THRESHOLD,
+                 method: str = "skipnet"):
         super().__init__()
         self.agent = agent
         self.threshold = threshold
+        self.method = method
 
     def begin(self, x: torch.Tensor) -> dict:
         return {}
@@ -381,11 +494,14 @@ class SkipNet(Method):
     name = "skipnet"
     summary = "SkipNet: a shared-LSTM gate before each block reads the previous block's output"
     stages = (FINETUNE,)
+    gates: type[nn.Module] = SkipGates
+    gate_words = "SkipNet gates"
     threshold_help = ("block t >= 1 is kept iff its gate's keep probability p_t > T "
                       "(default 0.5); block 0 always runs")
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("skipnet (--agent skipnet)")
+        group = parser.add_argument_group("skipnet, skipnet_ff (--agent skipnet or "
+                                          "skipnet_ff)")
         self.option(group, "--skip_phase", choices=PHASES, default="hrl",
                     help="sp: supervised pre-training (hard gates, straight-through, "
                          "cross-entropy); hrl: hybrid reinforcement learning (default)")
@@ -413,9 +529,12 @@ class SkipNet(Method):
 
     def initialise(self, agent: nn.Module, spec: ModelSpec, args: argparse.Namespace,
                    stage: str) -> None:
-        """A fresh run starts from the pretrained ResNet with gates that keep every block
-        with probability 0.9 (the peer starts from its SP checkpoint instead)."""
-        agent.start_keeping(KEEP_START)
+        """A fresh ``sp`` run keeps the gates' random initialisation, as the peer's SP
+        (about half the blocks kept at first); a fresh ``hrl`` run (the peer starts HRL
+        from its SP checkpoint instead) starts with gates that keep every block with
+        probability 0.9."""
+        if getattr(args, "skip_phase", "hrl") == "hrl":
+            agent.start_keeping(KEEP_START)
 
     def train_step(self, stage: str, args: argparse.Namespace, rnet: FlatResNet,
                    agent: nn.Module | None, where: Where) -> tuple[nn.Module, TrainStep]:
@@ -440,17 +559,39 @@ class SkipNet(Method):
 
     def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
                         source: PolicySource) -> nn.Module:
-        return SkipDecision(agent, source.threshold)
+        return SkipDecision(agent, source.threshold, self.name)
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:
-        if not isinstance(agent, SkipGates):
-            raise PolicySourceError("the skipnet source needs SkipNet gates (a checkpoint "
-                                    "written with --agent skipnet)")
+        if not isinstance(agent, self.gates):
+            raise PolicySourceError(f"the {self.name} source needs {self.gate_words} (a "
+                                    f"checkpoint written with --agent {self.name})")
         if agent.num_blocks != spec.num_blocks:
             raise PolicySourceError(f"the gates decide {agent.num_blocks} blocks, "
                                     f"{spec.name} has {spec.num_blocks}")
         return SkipSource(agent, check_threshold(threshold))
 
 
+class SkipNetFF(SkipNet):
+    """SkipNet with feed-forward gates (the peer's FFGate-II): the same training and test
+    rule as :class:`SkipNet`, and its flags; each gate reads only its block's input."""
+
+    name = "skipnet_ff"
+    summary = "SkipNet, feed-forward gates: a stride-2 conv gate before each block"
+    options_of = "skipnet"
+    gates = FeedforwardGates
+    gate_words = "SkipNet feed-forward gates"
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        """The flags are SkipNet's (added once, by that method)."""
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        return build_ff_gates(spec)
+
+    def calibrate(self, agent: nn.Module, rnet: FlatResNet, images: torch.Tensor,
+                  keep_fraction: float, generator: torch.Generator) -> None:
+        calibrate_ff_gates(agent, rnet, images, keep_fraction, generator)
+
+
 register(SkipNet())
+register(SkipNetFF())

@@ -75,3 +75,18 @@ def error_line(main, argv, capsys) -> str:
         assert "\n" not in str(err), str(err)
         return str(err)
     raise AssertionError(f"{main.__module__} did not fail")
+
+
+def finetuned_once(tiny_args, tiny_data, cv, *flags: str) -> tuple[str, dict]:
+    """``finetune.py`` for epoch 0 from the tiny base with ``flags``: the path of its
+    checkpoint and the checkpoint read back."""
+    import glob
+    import os
+
+    import finetune
+    from utils.checkpoint import read_checkpoint
+
+    finetune.main(tiny_args(cv, "--base_ckpt", tiny_data["base"], "--max_epochs", "0",
+                            "--test_every", "1", *flags))
+    path = sorted(glob.glob(os.path.join(str(cv), "ckpt_E_*.t7")))[-1]
+    return path, read_checkpoint(path)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import cl_training
 import finetune
 import test as test_script
-from helpers import error_line, printed_block, randomize_bn
+from helpers import error_line, finetuned_once, printed_block, randomize_bn
 from models import build_resnet, get_spec
 from models.flops import flop_table
 from policies.act import (ActNet, ActSource, HaltingUnits, act_loss, act_pass, act_train_step,
@@ -19,7 +19,6 @@ from policies.act import (ActNet, ActSource, HaltingUnits, act_loss, act_pass, a
                           ponder_cost)
 from policies.registry import build_source, get_method
 from policies.source import PolicySourceError
-from utils.checkpoint import read_checkpoint
 from utils.data import get_dataset
 from utils.stats import format_eval_block, policy_stats
 
@@ -271,12 +270,8 @@ def _reference_block(rnet, agent, dataset):
 
 def test_finetuning_checkpoint_round_trips_through_test_py(tiny_data, tiny_args, tmp_path,
                                                            capsys):
-    cv = tmp_path / "act_ft"
-    finetune.main(tiny_args(cv, "--agent", "act", "--base_ckpt", tiny_data["base"],
-                            "--max_epochs", "0", "--test_every", "1", "--lr", "1e-2",
-                            "--act_eps", "0.05"))
-    path = sorted(glob.glob(os.path.join(cv, "ckpt_E_*.t7")))[-1]
-    ckpt = read_checkpoint(path)
+    path, ckpt = finetuned_once(tiny_args, tiny_data, tmp_path / "act_ft", "--agent", "act",
+                                "--lr", "1e-2", "--act_eps", "0.05")
     assert ckpt["agent_type"] == "act" and float(ckpt["agent"]["eps"]) == pytest.approx(0.05)
     start = build_halting_units(get_spec("R32_C10")).state_dict()
     assert not torch.equal(ckpt["agent"]["units.2.3.weight"], start["units.2.3.weight"])

@@ -399,6 +399,7 @@ def test_every_other_registered_method_exports(name, tmp_path):
     decision = method.export_decision(R32, agent, source)
     path = str(tmp_path / f"{name}.onnx")
     export_onnx(exportable(rnet, decision), path, model="R32_C10", input_size=32)
+    assert read_metadata(path)["blockdrop.method"] == name
     for x in (_images(1, 0), _images(5, 1)):
         _compare(path, rnet, source, x)
 

@@ -289,15 +289,22 @@ def test_bad_flags_give_one_line(tiny_data, tiny_args, tmp_path, capsys):
     assert "skipnet" in line and "finetune" in line
 
 
-@pytest.mark.parametrize("name", ["R32_C10", "R110_C10", "R101_ImgNet"])
-def test_configs_resolve_to_a_valid_skipnet_run(name):
-    from utils.config import method_problems, resolve
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "configs", "skipnet", f"{name}.yaml")
-    args = resolve(finetune.build_parser(), ["--config", path])
-    assert (args.model, args.agent, args.skip_phase) == (name, "skipnet", "hrl")
-    assert args.skip_alpha == (0.01 if name == "R101_ImgNet" else 0.1)
-    assert method_problems(args) == []
+@pytest.mark.parametrize("method,name,steps", [
+    ("skipnet", "R32_C10", ["sp", "hrl"]), ("skipnet", "R110_C10", ["sp", "hrl"]),
+    ("skipnet", "R101_ImgNet", ["hrl"]), ("skipnet_ff", "R32_C10", ["sp", "hrl"]),
+    ("skipnet_ff", "R110_C10", ["sp", "hrl"])])
+def test_configs_resolve_to_valid_skipnet_steps(method, name, steps):
+    from scripts.repro.pipeline import method_configs
+    from utils.config import resolve
+    paths = method_configs(method, name)
+    assert len(paths) == len(steps)
+    runs = [resolve(finetune.build_parser(), ["--config", path]) for path in paths]
+    assert [(a.model, a.agent, a.skip_phase) for a in runs] == [(name, method, s) for s in steps]
+    hrl = runs[-1]
+    assert hrl.skip_alpha == (0.01 if name == "R101_ImgNet" else 0.1)
+    assert all(finetune.finetune_problems(a) == [] for a in runs)
+    if len(runs) == 2:  # HRL continues SP's epoch count with the peer's 26 epochs
+        assert hrl.max_epochs - runs[0].max_epochs == 26
 
 
 def test_test_py_without_a_checkpoint_runs_every_block_and_counts_the_gates(tiny_data, tmp_path,
