@@ -224,8 +224,11 @@ FAST = [FastOptions(fold_bn=True, channels_last=False), FastOptions(fold_bn=Fals
 
 @pytest.mark.parametrize("name,size,batch,fast", [
     *[("R110_C10", 32, 5, fast) for fast in FAST],
-    # bottleneck blocks and conv shortcuts: folded, with and without the layout (~16 s each)
-    *[("R101_ImgNet", 224, 2, fast) for fast in FAST if fast.fold_bn]])
+    # bottleneck blocks and conv shortcuts, folded (~30 s each on two cores): with the
+    # layout (test.py's CPU default) always, without it under --runslow
+    *[pytest.param("R101_ImgNet", 224, 2, fast,
+                   marks=() if fast.channels_last else pytest.mark.slow)
+      for fast in FAST if fast.fold_bn]])
 def test_inference_copies_equal_the_masked_network(name, size, batch, fast):
     """Folded BatchNorm and channels_last: every path of the copy equals the masked
     forward of the original (random BatchNorm statistics); the original is unchanged."""

@@ -225,6 +225,7 @@ def test_smoke(name, tmp_path):
     run_smoke(name, tmp_path, SMOKE[name])
 
 
+@pytest.mark.slow
 def test_smoke_table4(tmp_path):
     """ResNet-101 at 224 px on the CPU, on a handful of images (about 2-3 minutes)."""
     run_smoke("table4", tmp_path, ["table4.md", "table4.csv", "table4_figure3.png"])
@@ -274,3 +275,17 @@ def test_pareto_refuses_mixed_backbones_and_empty_run_folders(tmp_path):
                               capture_output=True, text=True)
         assert proc.returncode != 0 and needle in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_step_that_loads_a_checkpoint_ends_at_the_continued_epoch(tmp_path):
+    """--load continues the loaded epoch count for max_epochs + 1 epochs, so a chained
+    step's final checkpoint is ckpt_E_<loaded + 1 + max_epochs>."""
+    from scripts.repro.steps import make_step
+    config = tmp_path / "step.yaml"
+    config.write_text("model: R32_C10\nmax_epochs: 25\ncv_dir: cv/x/\n")
+    fresh = make_step("a", "finetune.py", str(config), {}, str(tmp_path / "a.log"))
+    chained = make_step("b", "finetune.py", str(config),
+                        {"load": "cv/sp/ckpt_E_163_A_0.900_R_-1.00E-01_S_9.00_#_3.t7"},
+                        str(tmp_path / "b.log"))
+    assert (fresh.final_epoch, chained.final_epoch) == (25, 189)
+    assert 189 % chained.options["test_every"] == 0  # the final epoch is tested and saved

@@ -286,9 +286,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="base ResNet of the heuristics and the full network (default: the "
                         "runs' config.yaml, else the model's default path)")
     p.add_argument("--ks", type=int, default=None,
-                   help="block budgets per fixed heuristic (default 5; smoke 3)")
+                   help="block budgets per fixed heuristic (default 5; smoke 2)")
     p.add_argument("--thresholds", type=int, default=None,
-                   help="threshold-sweep points per learned checkpoint (default 7; smoke 3)")
+                   help="threshold-sweep points per learned checkpoint (default 7; smoke 2)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="RandomK seeds (default 0 1 2; smoke 0 1)")
     p.add_argument("--time_batch_large", type=int, default=None,
@@ -351,12 +351,12 @@ def run_pareto(args: argparse.Namespace, argv: Sequence[str]) -> None:
         base, ckpts = train_methods(ctx, model)
     base = base or _base_of([identify(c, model) for c in ckpts], model)
     spec = get_spec(model)
-    ks = k_grid(spec.num_blocks, args.ks or (3 if args.smoke else 5))
+    ks = k_grid(spec.num_blocks, args.ks or (2 if args.smoke else 5))
     seeds = args.seeds or ([0, 1] if args.smoke else [0, 1, 2])
     points = heuristic_points(ctx, model, base, ks, seeds)
     for ckpt in ckpts:
         points += checkpoint_points(ctx, model, ckpt, base, ks,
-                                    args.thresholds or (3 if args.smoke else 7))
+                                    args.thresholds or (2 if args.smoke else 7))
     evaluate_points(ctx, points)
     large = args.time_batch_large or (8 if args.smoke else 256)
     time_points(ctx, model, points, (1, large), ctx.evals.time_images, ctx.evals.repeats)

@@ -176,9 +176,6 @@ def method_run(plan: Plan, model: str, name: str, base: str, curriculum_ckpt: st
             opts.update(agent=name, penalty=-float(gamma))
         if previous is not None:
             opts.update(load=previous)
-            if plan.smoke:  # the epoch count continues: each later step runs one more epoch
-                smoke = SMOKE_SCHEDULES["finetune.py"]["max_epochs"]
-                opts.update(max_epochs=smoke + i * (smoke + 1))
         previous = _run(plan, make_step(step_name, "finetune.py", config, opts,
                                         _log(plan, step_name)))
     return previous

@@ -123,7 +123,11 @@ def make_step(name: str, script: str, config: str, overrides: dict[str, Any], lo
     if script == "pretrain_resnet.py":
         final = int(values["epochs"])  # pk_E_<epochs>
     else:
-        final = int(values["max_epochs"])  # ckpt_E_<max_epochs>, a fresh run from epoch 0
+        # ckpt_E_<max_epochs> of a fresh run; --load continues the loaded epoch count for
+        # max_epochs + 1 more epochs (the authors' finetune.py)
+        loaded = checkpoint_epoch(values["load"]) if values.get("load") else None
+        start = 0 if loaded is None else loaded + 1
+        final = start + int(values["max_epochs"])
         overrides = {**overrides,
                      "test_every": tested_every(final, int(values.get("test_every", 10)))}
         values["test_every"] = overrides["test_every"]
