@@ -422,6 +422,9 @@ def calibrate_gates(agent: SkipGates, rnet: FlatResNet, images: torch.Tensor,
             emb.weight.copy_(w)
             emb.bias.copy_(-w @ pooled.mean(0))
             e0 = emb(pooled)
+            if t == 1:  # centre the shared output layer on the first gate's logits, so that
+                # every gate reaches its share by a shift it can make (the LSTM saturates)
+                agent.proj.bias.sub_(agent.cell(e0, state)[0].median())
             with torch.enable_grad():  # the direction in which the mean keep logit rises
                 shift = torch.zeros(e0.shape[1], device=e0.device, requires_grad=True)
                 grad, = torch.autograd.grad(agent.cell(e0 + shift, state)[0].mean(), shift)

@@ -749,7 +749,8 @@ def _doc_problem(doc: str) -> str | None:
             page = f.read()
     except OSError as err:
         return f"--doc {doc}: {describe(err)}"
-    if BEGIN not in page or END not in page:
+    places = [(BEGIN, END), *(part_markers(p) for p in PARTS)]
+    if not any(begin in page and end in page for begin, end in places):
         return f"--doc {doc} has no {BEGIN} ... {END} markers"
     return file_problem("--doc", doc)
 
@@ -874,24 +875,30 @@ def render(result: dict) -> str:
 
 
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
-# a run of the onnx part alone has its own place on the page
-ONNX_BEGIN, ONNX_END = "<!-- benchmark:onnx:begin -->", "<!-- benchmark:onnx:end -->"
+
+
+def part_markers(part: str) -> tuple[str, str]:
+    """The markers of the place a run of ``part`` alone has on a page (onnx, methods)."""
+    return f"<!-- benchmark:{part}:begin -->", f"<!-- benchmark:{part}:end -->"
+
 
 
 def render_into(json_path: str, doc: str | None) -> None:
     """Print the report of ``json_path``, or replace the part of ``doc`` between the
-    BEGIN and END markers with it (ONNX_BEGIN and ONNX_END for a run of the onnx part
-    alone)."""
+    BEGIN and END markers with it; a run of one part alone goes between that part's
+    markers (:func:`part_markers`) where the page has them."""
     result = read_json(json_path, "pass a JSON written by python -m scripts.benchmark --out",
                        lambda d: {"machine", "settings", "argv"} <= set(d))
     text = render(result)
     if doc is None:
         print(text, end="")
         return
-    onnx_only = [p for p in PARTS if p in result] == ["onnx"]
-    begin, end = (ONNX_BEGIN, ONNX_END) if onnx_only else (BEGIN, END)
     with open(doc, encoding="utf-8") as f:
         page = f.read()
+    parts = [p for p in PARTS if p in result]
+    begin, end = BEGIN, END
+    if len(parts) == 1 and part_markers(parts[0])[0] in page:
+        begin, end = part_markers(parts[0])
     if begin not in page or end not in page:
         raise UserError(f"{doc} has no {begin} ... {end} markers")
     head, rest = page.split(begin, 1)

@@ -95,6 +95,30 @@ def test_render_writes_between_the_markers(tmp_path, capsys):
     assert capsys.readouterr().out in page
 
 
+def test_methods_part_times_every_learned_method_and_renders_into_its_place(tmp_path, capsys):
+    from policies.registry import method_names
+    out, doc = tmp_path / "methods.json", tmp_path / "speed.md"
+    main(["--parts", "methods", "--method-models", "R32_C10", "--method-batches", "1", "3",
+          "--seq-images", "3", "--repeats", "1", "--warmup", "0", "--min-time", "0",
+          "--out", str(out)])
+    capsys.readouterr()
+    rows = json.loads(out.read_text())["methods"]
+    assert [(r["model"], r["batch"], r["images"]) for r in rows] == [("R32_C10", 1, 3),
+                                                                     ("R32_C10", 3, 3)]
+    for r in rows:
+        timed = set(r["ms_per_image"]) - {"full"}
+        assert timed | set(r["skipped"]) == set(method_names(learned=True))
+        assert {"blockdrop", "seq", "skipnet", "convnet_aig", "act"} <= timed
+        assert all(v > 0 for v in r["ms_per_image"].values())
+        assert all(0 <= r["blocks_used"][m] <= 15 for m in timed)
+    doc.write_text("<!-- benchmark:begin -->\nKEEP\n<!-- benchmark:end -->\n"
+                   "<!-- benchmark:methods:begin -->\nSTALE\n<!-- benchmark:methods:end -->\n")
+    main(["--render", str(out), "--doc", str(doc)])
+    page = doc.read_text()
+    assert "KEEP" in page and "STALE" not in page
+    assert page.index("Every registered method") > page.index("<!-- benchmark:methods:begin")
+
+
 def test_random_policies_keep_exactly_k():
     gen = torch.Generator().manual_seed(0)
     policy = random_policies(50, 54, 17, gen)
