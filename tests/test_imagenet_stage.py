@@ -74,3 +74,32 @@ def test_a_corrupt_jpeg_stops_test_py_in_one_line(imagenet_folder, tmp_path, cap
         "--base_ckpt", str(imagenet_folder / "r101.pth"), "--batch_size", "2",
         "--workers", "2", "--device", "cpu"], capsys)
     assert line.startswith("test.py: error:") and str(bad) in line
+
+
+PEERS = [("skipnet", ["--agent", "skipnet"]), ("skipnet_ff", ["--agent", "skipnet_ff"]),
+         ("convnet_aig", ["--agent", "convnet_aig"]), ("act", ["--agent", "act"]),
+         ("stochastic_depth", ["--stochastic_depth", "0.5"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,flags", PEERS, ids=[p[0] for p in PEERS])
+def test_each_peer_finetunes_and_evaluates_on_r101(name, flags, imagenet_folder, tmp_path,
+                                                   capsys):
+    """ResNet-101 at 224 px: one finetuning epoch of two images, its checkpoint read back
+    by test.py (the method from the checkpoint alone)."""
+    import finetune
+    import test as test_script
+    from policies.registry import get_method, method_of
+
+    root, cv = imagenet_folder, tmp_path / name
+    finetune.main(["--model", "R101_ImgNet", "--data_dir", str(root), "--cv_dir", str(cv),
+                   "--base_ckpt", str(root / "r101.pth"), "--batch_size", "2", "--max_epochs",
+                   "0", "--workers", "0", "--device", "cpu", "--no_progress", *flags])
+    path = glob.glob(str(cv / "ckpt_E_0_*.t7"))[0]
+    assert method_of(read_checkpoint(path)) is get_method(name)
+    capsys.readouterr()
+    extra = ["--policy", "everyother", "--k", "17"] if name == "stochastic_depth" else []
+    test_script.main(["--model", "R101_ImgNet", "--data_dir", str(root), "--load", path,
+                      "--workers", "0", "--device", "cpu", "--batch_size", "2", *extra])
+    out = capsys.readouterr().out
+    assert "Accuracy: " in out and "Block Usage: " in out
