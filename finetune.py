@@ -185,7 +185,8 @@ def build_stage(args: argparse.Namespace, spec: ModelSpec,
 
 
 SCRIPT = Script(PROG, build_parser, load_models, build_stage, checks=finetune_problems,
-                kept_on_resume=("agent", "policy", "k", "seed", "stochastic_depth"))
+                kept_on_resume=("agent", "policy", "k", "seed", "stochastic_depth",
+                                "agent_lr_scale"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -137,3 +137,18 @@ def test_bad_agent_lr_scale(extra, expected, tiny_data, tiny_args, tmp_path, cap
     line = error_line(finetune.main, tiny_args(tmp_path / "ft", "--base_ckpt",
                                                tiny_data["base"], *extra), capsys)
     assert expected in line
+
+
+def test_a_resume_keeps_the_agents_rate(tiny_data, tiny_args, tmp_path, capsys):
+    """The optimizer's groups are part of the run: --resume refuses another
+    --agent_lr_scale in one line, and continues with the same one."""
+    import finetune
+    from helpers import error_line
+
+    argv = tiny_args(tmp_path / "ft", "--base_ckpt", tiny_data["base"], "--agent", "skipnet",
+                     "--max_epochs", "0", "--test_every", "5", "--agent_lr_scale", "20")
+    finetune.main(argv)
+    changed = [a if a != "20" else "1" for a in argv]
+    line = error_line(finetune.main, [*changed, "--resume", "--max_epochs", "1"], capsys)
+    assert "--resume continues the run" in line and "--agent_lr_scale 20" in line
+    finetune.main([*argv, "--resume", "--max_epochs", "1"])
