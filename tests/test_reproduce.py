@@ -220,8 +220,11 @@ def run_smoke(name, tmp_path, files):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(SMOKE))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if n == "compare_gamma" else n for n in sorted(SMOKE)])
 def test_smoke(name, tmp_path):
+    """Every script's smoke run; compare_gamma (the same training steps as table3 at
+    other gammas) under --runslow."""
     run_smoke(name, tmp_path, SMOKE[name])
 
 
