@@ -437,6 +437,16 @@ def calibrate_gates(agent: SkipGates, rnet: FlatResNet, images: torch.Tensor,
         h = _masked_block(rnet, t, h, residual, keep)
 
 
+def _share_cut(margin: torch.Tensor, share: float) -> float:
+    """The value above which ``share`` of ``margin`` lies (all of it: below the least;
+    none: above the largest)."""
+    if share >= 1:
+        return float(margin.min()) - 1
+    if share <= 0:
+        return float(margin.max()) + 1
+    return float(torch.quantile(margin, 1.0 - share))
+
+
 @torch.no_grad()
 def calibrate_ff_gates(agent: FeedforwardGates, rnet: FlatResNet, images: torch.Tensor,
                        keep_fraction: float, generator: torch.Generator) -> None:
@@ -455,10 +465,7 @@ def calibrate_ff_gates(agent: FeedforwardGates, rnet: FlatResNet, images: torch.
             w = torch.randn(proj.weight.shape, generator=generator).to(feats)
             w = w / (feats.std(0) + 1e-6) / math.sqrt(feats.shape[1])
             proj.weight.copy_(w)
-            margin = feats @ w.view(-1)  # rows above the (1 - share) quantile are kept
-            cut = float(torch.quantile(margin, 1.0 - share)) if 0 < share < 1 else \
-                float(margin.min()) - 1 if share >= 1 else float(margin.max()) + 1
-            proj.bias.fill_(-cut)
+            proj.bias.fill_(-_share_cut(feats @ w.view(-1), share))
             keep = (agent.step(t, h, None)[0] > 0).float()
         residual = rnet.residual(t, h)
         h = _masked_block(rnet, t, h, residual, keep)
