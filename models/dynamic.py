@@ -55,14 +55,18 @@ def chunk_size(rnet: Backbone, x: torch.Tensor, rows_per_image: float = 1.0) -> 
 
 
 def in_chunks(rnet: Backbone, fn: Callable, x: torch.Tensor,
-              rows: torch.Tensor | None = None, rows_per_image: float = 1.0) -> torch.Tensor:
+              rows: torch.Tensor | None = None, rows_per_image: float = 1.0):
     """``fn(x, rows)`` on chunks of ``chunk_size(rnet, x, rows_per_image)`` images (rows
-    split alike), concatenated."""
+    split alike), concatenated: a tensor, or a tuple of tensors concatenated each (e.g.
+    logits and the policy a method took while it ran)."""
     size = chunk_size(rnet, x, rows_per_image)
     if size >= x.shape[0]:
         return fn(x, rows)
-    return torch.cat([fn(x[i:i + size], None if rows is None else rows[i:i + size])
-                      for i in range(0, x.shape[0], size)])
+    outs = [fn(x[i:i + size], None if rows is None else rows[i:i + size])
+            for i in range(0, x.shape[0], size)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+    return torch.cat(outs)
 
 
 # -- per-image execution -------------------------------------------------------

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet
-from models.dynamic import chunk_size, gather, write_rows
+from models.dynamic import gather, in_chunks, write_rows
 from models.export import ExportedBlockDrop, StageDecision, gather_rows, scatter_rows
 from utils.amp import autocast
 from utils.dist import wrap
@@ -271,10 +271,11 @@ class ActSource(PolicySource):
         if keep_first:
             raise PolicySourceError("ACT has no curriculum stage (keep_first must be 0)")
         mode = "dynamic" if dynamic else "masked"
-        size = chunk_size(rnet, x) or 1
-        outs = [act_pass(rnet, self.agent, x[i:i + size], self.threshold, mode)
-                for i in range(0, max(x.shape[0], 1), size)]
-        return torch.cat([o.logits for o in outs]), torch.cat([o.policy for o in outs])
+
+        def one_chunk(xs, _):
+            out = act_pass(rnet, self.agent, xs, self.threshold, mode)
+            return out.logits, out.policy
+        return in_chunks(rnet, one_chunk, x)
 
 
 class ActNet(nn.Module):
@@ -421,6 +422,9 @@ class Act(Method):
     with (``--act_eps``)."""
 
     name = "act"
+    agent_class = HaltingUnits
+    agent_words = "ACT halting units"
+    threshold_low_open = True
     summary = "ACT: halting units per block stage, ponder cost (Figurnov et al. 2017)"
     stages = (FINETUNE,)
     threshold_help = ("a block stage halts once its cumulative halting score reaches T, in "
@@ -479,12 +483,7 @@ class Act(Method):
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:
-        if not isinstance(agent, HaltingUnits):
-            raise PolicySourceError("the act source needs ACT halting units (a checkpoint "
-                                    "written with --agent act)")
-        if threshold is not None and not 0.0 < threshold <= 1.0:
-            raise PolicySourceError(f"--threshold for act must lie in (0, 1], got {threshold}")
-        return ActSource(agent, threshold)
+        return ActSource(self.checked_agent(spec, agent), self.checked_threshold(threshold))
 
 
 register(Act())

@@ -31,18 +31,9 @@ from .method import CURRICULUM, FINETUNE, Method, StepOutput, TrainStep, Where, 
 from .policy_init import resolve_policy_init
 from .rewards import (advantage, apply_curriculum, bounded_probs, curriculum_loss,
                       curriculum_mask, finetune_loss, greedy_policy, reward, sample_policy)
-from .source import PolicySource, PolicySourceError
+from .source import PolicySource
 
 GREEDY = 0.5  # keep iff s_k >= 0.5 (Sec. 3.3)
-
-
-def check_threshold(threshold: float | None, what: str) -> float:
-    """A keep threshold in [0, 1] (None: the greedy 0.5)."""
-    if threshold is None:
-        return GREEDY
-    if not 0.0 <= threshold <= 1.0:
-        raise PolicySourceError(f"--threshold for {what} must lie in [0, 1], got {threshold}")
-    return float(threshold)
 
 
 class AgentSource(PolicySource):
@@ -123,6 +114,8 @@ class BlockDrop(Method):
     """The one-shot policy network of the paper."""
 
     name = "blockdrop"
+    agent_class = PolicyNet
+    agent_words = "a one-shot policy network"
     summary = "one-shot policy network (paper Sec. 3)"
     threshold_help = "block k is kept iff its keep probability s_k >= T (default 0.5)"
 
@@ -180,11 +173,9 @@ class BlockDrop(Method):
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:
-        if not isinstance(agent, PolicyNet):
-            raise PolicySourceError("the blockdrop source needs a one-shot policy network (a "
-                                    "checkpoint with a blockdrop 'agent')")
-        return AgentSource(agent, flop_table(spec.name).policy,
-                           check_threshold(threshold, self.name))
+        threshold = self.checked_threshold(threshold)
+        return AgentSource(self.checked_agent(spec, agent), flop_table(spec.name).policy,
+                           GREEDY if threshold is None else threshold)
 
 
 register(BlockDrop())

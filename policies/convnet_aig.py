@@ -48,13 +48,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet, get_spec
-from models.dynamic import chunk_size, run_on_rows
+from models.dynamic import in_chunks, run_on_rows
 from models.export import Decision
 from utils.amp import autocast
 from utils.dist import unwrap, wrap
 
 from .method import FINETUNE, Method, StepOutput, TrainStep, Where, register
-from .source import PolicySource, PolicySourceError
+from .source import PolicySource
 
 HIDDEN = 16  # the gate's hidden units (authors' code: fc1 to 16 channels)
 # the authors' initial bias of the gate's last layer, (drop, keep): about 85% kept at start
@@ -262,13 +262,12 @@ class AIGSource(PolicySource):
             keep_first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``dynamic``: each block only on the rows that keep it; ``False``: masked."""
         mode = "grouped" if dynamic else "masked"
-        size = max(1, chunk_size(rnet, x))
-        outs = [aig_pass(rnet, self.agent, x[i:i + size], mode=mode, threshold=self.threshold,
-                         keep_first=keep_first)
-                for i in range(0, x.shape[0], size)] if x.shape[0] else \
-            [aig_pass(rnet, self.agent, x, mode=mode, threshold=self.threshold,
-                      keep_first=keep_first)]
-        return torch.cat([o.logits for o in outs]), torch.cat([o.gates for o in outs])
+
+        def one_chunk(xs, _):
+            out = aig_pass(rnet, self.agent, xs, mode=mode, threshold=self.threshold,
+                           keep_first=keep_first)
+            return out.logits, out.gates
+        return in_chunks(rnet, one_chunk, x)
 
 
 # -- training -----------------------------------------------------------------------
@@ -318,6 +317,8 @@ class ConvNetAIG(Method):
     threshold T keeps block l iff its gate's softmax keep-probability is >= T."""
 
     name = "convnet_aig"
+    agent_class = AIGAgent
+    agent_words = "ConvNet-AIG gates"
     summary = "ConvNet-AIG: per-block Gumbel gates on the block input, target-rate loss"
     stages = (FINETUNE,)
     threshold_help = ("block l is kept iff its gate's softmax keep-probability >= T, T in "
@@ -424,16 +425,7 @@ class ConvNetAIG(Method):
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:
-        if not isinstance(agent, AIGAgent):
-            raise PolicySourceError("the convnet_aig source needs ConvNet-AIG gates (a "
-                                    "checkpoint written with --agent convnet_aig)")
-        if threshold is not None and not (_finite(threshold) and 0.0 <= threshold <= 1.0):
-            raise PolicySourceError(f"--threshold for convnet_aig must lie in [0, 1], got "
-                                    f"{threshold}")
-        if agent.num_blocks != spec.num_blocks:
-            raise PolicySourceError(f"the ConvNet-AIG gates decide {agent.num_blocks} blocks, "
-                                    f"{spec.name} has {spec.num_blocks}")
-        return AIGSource(agent, threshold)
+        return AIGSource(self.checked_agent(spec, agent), self.checked_threshold(threshold))
 
 
 register(ConvNetAIG())

@@ -21,6 +21,7 @@ The hooks, in the order a training stage calls them:
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,6 +68,10 @@ class Method:
     stages: tuple[str, ...] = (CURRICULUM, FINETUNE)  # the training stages that train it
     threshold_help: str = ""  # what test.py --threshold means for it ("" : not supported)
     threshold_range: tuple[float, float] = (0.0, 1.0)  # the thresholds it accepts
+    threshold_low_open: bool = False  # the range excludes its low end (ACT: (0, 1])
+    # a learned method: the class of network its source reads, and its name in errors
+    agent_class: type | None = None
+    agent_words: str = ""
     seeded: bool = False  # its decisions depend on --seed (a random draw)
     # a training regime chosen by its own flag (e.g. --stochastic_depth P) rather than by
     # --agent/--policy: the dest of that flag; the method is chosen when it is set
@@ -131,6 +136,30 @@ class Method:
                seed: int = 0, threshold: float | None = None) -> PolicySource:
         """The test-time decisions of ``agent`` (or of the rule with ``k``/``seed``)."""
         raise NotImplementedError
+
+    def checked_agent(self, spec: ModelSpec, agent: nn.Module | None) -> nn.Module:
+        """``agent`` if it is this method's network (``agent_class``) for ``spec``'s
+        blocks, else one line naming what was expected."""
+        if self.agent_class is None or not isinstance(agent, self.agent_class):
+            raise PolicySourceError(f"the {self.name} source needs {self.agent_words} (a "
+                                    f"checkpoint written with --agent {self.name})")
+        blocks = getattr(agent, "num_blocks", None)
+        if blocks is not None and blocks != spec.num_blocks:
+            raise PolicySourceError(f"the {self.agent_words} decide {blocks} blocks, "
+                                    f"{spec.name} has {spec.num_blocks}")
+        return agent
+
+    def checked_threshold(self, threshold: float | None) -> float | None:
+        """None, or ``threshold`` if it is a finite number in ``threshold_range``."""
+        if threshold is None:
+            return None
+        low, high = self.threshold_range
+        above = low < threshold if self.threshold_low_open else low <= threshold
+        if not (math.isfinite(threshold) and above and threshold <= high):
+            bracket = "(" if self.threshold_low_open else "["
+            raise PolicySourceError(f"--threshold for {self.name} must lie in "
+                                    f"{bracket}{low:g}, {high:g}], got {threshold}")
+        return float(threshold)
 
     def export_decision(self, spec: ModelSpec, agent: nn.Module | None,
                         source: PolicySource) -> nn.Module:

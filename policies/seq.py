@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet
-from models.dynamic import chunk_size, run_on_rows
+from models.dynamic import in_chunks, run_on_rows
 from models.export import Decision
 from utils.amp import autocast
 from utils.dist import wrap
@@ -41,7 +41,7 @@ from utils.dist import wrap
 from .method import CURRICULUM, FINETUNE, Method, StepOutput, TrainStep, Where, register
 from .rewards import (advantage, bounded_probs, curriculum_loss, curriculum_mask, finetune_loss,
                       reward)
-from .source import PolicySource, PolicySourceError
+from .source import PolicySource
 
 MODES = ("masked", "grouped")
 # the eval-mode execution for batches of more than one image (chosen by measurement,
@@ -174,13 +174,12 @@ class SeqSource(PolicySource):
         mode = "masked"
         if dynamic:
             mode = "grouped" if x.shape[0] == 1 else self.batch_mode
-        size = chunk_size(rnet, x)
-        outs = [seq_pass(rnet, self.agent, x[i:i + size], keep_first=keep_first, mode=mode,
-                         threshold=self.threshold)
-                for i in range(0, x.shape[0], size)] if x.shape[0] else \
-            [seq_pass(rnet, self.agent, x, keep_first=keep_first, mode=mode,
-                      threshold=self.threshold)]
-        return torch.cat([o.logits for o in outs]), torch.cat([o.policy for o in outs])
+
+        def one_chunk(xs, _):
+            out = seq_pass(rnet, self.agent, xs, keep_first=keep_first, mode=mode,
+                           threshold=self.threshold)
+            return out.logits, out.policy
+        return in_chunks(rnet, one_chunk, x)
 
 
 def seq_train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -235,6 +234,8 @@ class BlockDropSeq(Method):
     ResNet runs."""
 
     name = "seq"
+    agent_class = SeqAgent
+    agent_words = "BlockDrop-seq gates"
     summary = "BlockDrop-seq: per-block linear gates on the previous block's output"
     threshold_help = "block t is kept iff its gate's keep probability >= T (default 0.5)"
 
@@ -288,12 +289,8 @@ class BlockDropSeq(Method):
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:
-        if not isinstance(agent, SeqAgent):
-            raise PolicySourceError("the seq source needs a BlockDrop-seq agent (a checkpoint "
-                                    "written with --agent seq)")
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise PolicySourceError(f"--threshold for seq must lie in [0, 1], got {threshold}")
-        return SeqSource(agent, threshold=threshold)
+        return SeqSource(self.checked_agent(spec, agent),
+                         threshold=self.checked_threshold(threshold))
 
 
 register(BlockDropSeq())

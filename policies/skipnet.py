@@ -47,14 +47,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import FlatResNet, ModelSpec, build_resnet
-from models.dynamic import chunk_size, run_on_rows
+from models.dynamic import in_chunks, run_on_rows
 from models.export import Decision
 from utils.amp import autocast
 from utils.dist import wrap
 
 from .method import FINETUNE, Method, StepOutput, TrainStep, Where, register
 from .seq import block_in_channels
-from .source import PolicySource, PolicySourceError
+from .source import PolicySource
 
 EMBED = 10  # the gate's embedding size (the peer's recurrent gates, CIFAR and ImageNet)
 HIDDEN = 10  # the shared LSTM's hidden size
@@ -371,20 +371,12 @@ class SkipSource(PolicySource):
         """Test-rule decisions. ``dynamic``: each block only on the rows that keep it (at
         batch 1 a dropped block is not computed); ``False``: masked."""
         mode = self.batch_mode if dynamic else "masked"
-        size = max(1, chunk_size(rnet, x))
-        outs = [skip_pass(rnet, self.agent, x[i:i + size], mode=mode,
-                          threshold=self.threshold, keep_first=keep_first)
-                for i in range(0, max(x.shape[0], 1), size)]
-        return torch.cat([o.logits for o in outs]), torch.cat([o.policy for o in outs])
 
-
-def check_threshold(threshold: float | None) -> float:
-    """A keep threshold in [0, 1] (None: 0.5)."""
-    if threshold is None:
-        return TEST_THRESHOLD
-    if not 0.0 <= threshold <= 1.0:
-        raise PolicySourceError(f"--threshold for skipnet must lie in [0, 1], got {threshold}")
-    return float(threshold)
+        def one_chunk(xs, _):
+            out = skip_pass(rnet, self.agent, xs, mode=mode, threshold=self.threshold,
+                            keep_first=keep_first)
+            return out.logits, out.policy
+        return in_chunks(rnet, one_chunk, x)
 
 
 def _bisect_shift(agent: SkipGates, e0: torch.Tensor, direction: torch.Tensor, state,
@@ -504,8 +496,8 @@ class SkipNet(Method):
     name = "skipnet"
     summary = "SkipNet: a shared-LSTM gate before each block reads the previous block's output"
     stages = (FINETUNE,)
-    gates: type[nn.Module] = SkipGates
-    gate_words = "SkipNet gates"
+    agent_class = SkipGates
+    agent_words = "SkipNet gates"
     threshold_help = ("block t >= 1 is kept iff its gate's keep probability p_t > T "
                       "(default 0.5); block 0 always runs")
 
@@ -573,13 +565,9 @@ class SkipNet(Method):
 
     def source(self, spec: ModelSpec, agent: nn.Module | None = None, *, k: int | None = None,
                seed: int = 0, threshold: float | None = None) -> PolicySource:
-        if not isinstance(agent, self.gates):
-            raise PolicySourceError(f"the {self.name} source needs {self.gate_words} (a "
-                                    f"checkpoint written with --agent {self.name})")
-        if agent.num_blocks != spec.num_blocks:
-            raise PolicySourceError(f"the gates decide {agent.num_blocks} blocks, "
-                                    f"{spec.name} has {spec.num_blocks}")
-        return SkipSource(agent, check_threshold(threshold))
+        threshold = self.checked_threshold(threshold)
+        return SkipSource(self.checked_agent(spec, agent),
+                          TEST_THRESHOLD if threshold is None else threshold)
 
 
 class SkipNetFF(SkipNet):
@@ -589,8 +577,8 @@ class SkipNetFF(SkipNet):
     name = "skipnet_ff"
     summary = "SkipNet, feed-forward gates: a stride-2 conv gate before each block"
     options_of = "skipnet"
-    gates = FeedforwardGates
-    gate_words = "SkipNet feed-forward gates"
+    agent_class = FeedforwardGates
+    agent_words = "SkipNet feed-forward gates"
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
         """The flags are SkipNet's (added once, by that method)."""

@@ -115,3 +115,60 @@ def test_bad_source_requests():
 
 def test_k_is_the_mean_usage_rounded_up():
     assert [ceil_usage(u) for u in (16.933, 20.1, 17.0, 0.2)] == [17, 21, 17, 1]
+
+
+@pytest.mark.parametrize("name", method_names(learned=True))
+def test_every_learned_source_checks_its_network_and_threshold(name):
+    """One place (Method.checked_agent / checked_threshold) refuses another method's network,
+    a network for another model, and a threshold outside the method's range or not finite."""
+    from policies.registry import get_method
+    method = get_method(name)
+    r32, r110 = get_spec("R32_C10"), get_spec("R110_C10")
+    own = method.build(r32)
+    other = next(get_method(n).build(r32) for n in method_names(learned=True)
+                 if not isinstance(get_method(n).build(r32), type(own)))
+    with pytest.raises(PolicySourceError, match=f"the {name} source needs .* --agent {name}"):
+        method.source(r32, other)
+    if hasattr(own, "num_blocks"):
+        with pytest.raises(PolicySourceError, match="decide 15 blocks, R110_C10 has 54"):
+            method.source(r110, own)
+    low, high = method.threshold_range
+    for bad in (high + 0.5, low - 0.5, float("nan")):
+        with pytest.raises(PolicySourceError, match=f"--threshold for {name} must lie in"):
+            method.source(r32, own, threshold=bad)
+    method.source(r32, own, threshold=high)  # the range's ends are thresholds
+    if method.threshold_low_open:
+        with pytest.raises(PolicySourceError, match=r"must lie in \("):
+            method.source(r32, own, threshold=low)
+    else:
+        method.source(r32, own, threshold=low)
+
+
+@pytest.mark.parametrize("name", [n for n in method_names(learned=True)
+                                  if not build_source(n, get_spec("R32_C10"),
+                                                      agent=build_agent(get_spec("R32_C10"), n)
+                                                      ).one_shot])
+def test_methods_that_decide_as_they_run_give_the_same_in_chunks(name):
+    """models.dynamic.in_chunks splits a CPU batch by memory; each chunk's logits and
+    policy are joined back: the result is the unchunked one."""
+    from helpers import randomize_bn
+    from models import build_resnet
+    from policies.registry import get_method
+    spec = get_spec("R32_C10")
+    torch.manual_seed(0)
+    rnet = randomize_bn(build_resnet(spec)).eval()
+    method = get_method(name)
+    agent = randomize_bn(method.build(spec), seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    method.calibrate(agent, rnet, torch.rand(16, 3, 32, 32, generator=g), 0.5, g)
+    source = method.source(spec, agent)
+    x = torch.rand(7, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        rnet.cpu_chunk_bytes = 0  # one pass
+        whole = source.run(rnet, x)
+        rnet.cpu_chunk_bytes = 1  # one image per chunk
+        chunked = source.run(rnet, x)
+        empty = source.run(rnet, x[:0])
+    assert torch.equal(whole[1], chunked[1]) and 0 < float(whole[1].mean()) < 1
+    torch.testing.assert_close(whole[0], chunked[0], rtol=1e-4, atol=1e-5)
+    assert empty[0].shape == (0, 10) and empty[1].shape == (0, 15)
