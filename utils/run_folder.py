@@ -32,7 +32,6 @@ import shlex
 import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from utils.checkpoint import CheckpointError, read_checkpoint
 from utils.errors import UserError
+from utils.files import replace_atomically
 
 LAST = "last.t7"
 METRICS = "metrics.jsonl"
@@ -359,28 +359,12 @@ def replace_text(path: str, lines: list[str]) -> None:
     the same folder, synced, and renamed over ``path``. A crash or kill at any point leaves
     either the old file or the new one (and at worst a ``.tmp_`` file that the next run
     removes); a failed write removes the temporary file and raises."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="_" + os.path.basename(path),
-                               dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            half = len(lines) // 2
-            f.writelines(lines[:half])
-            _fault_point(path, f)
-            f.writelines(lines[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where supported
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    def write(f) -> None:
+        half = len(lines) // 2
+        f.writelines(lines[:half])
+        _fault_point(path, f)
+        f.writelines(lines[half:])
+    replace_atomically(path, write, prefix=TMP_PREFIX, suffix="_" + os.path.basename(path))
 
 
 def _ends_with_newline(path: str) -> bool:
