@@ -90,3 +90,26 @@ def finetuned_once(tiny_args, tiny_data, cv, *flags: str) -> tuple[str, dict]:
                             "--test_every", "1", *flags))
     path = sorted(glob.glob(os.path.join(str(cv), "ckpt_E_*.t7")))[-1]
     return path, read_checkpoint(path)
+
+
+def reference_block(model: str, dataset, one_image, decision_flops) -> str:
+    """test.py's four-line block computed one image at a time, apart from the evaluation
+    code: ``one_image(x)`` gives ``(logits (1, C), policy (1, K))``; an image's FLOPs are the
+    table's fixed part, its kept blocks and ``decision_flops(policy)`` (the deciding
+    network's, a number)."""
+    from models.flops import flop_table
+    from utils.stats import format_eval_block, policy_stats
+
+    table = flop_table(model)
+    costs = torch.tensor(table.block_costs, dtype=torch.float64)
+    policies, matches, flops = [], [], []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            x, y = dataset[i]
+            logits, policy = one_image(x.unsqueeze(0))
+            policies.append(policy.to(torch.uint8))
+            matches.append((logits.argmax(1) == y).float())
+            flops.append(table.resnet_fixed + float(policy[0].double() @ costs)
+                         + float(decision_flops(policy)))
+    return format_eval_block(policy_stats(torch.cat(policies), torch.cat(matches)),
+                             np.asarray(flops))

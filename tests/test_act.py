@@ -11,16 +11,14 @@ import torch.nn.functional as F
 import cl_training
 import finetune
 import test as test_script
-from helpers import error_line, finetuned_once, printed_block, randomize_bn
+from helpers import error_line, finetuned_once, printed_block, randomize_bn, reference_block
 from models import build_resnet, get_spec
-from models.flops import flop_table
 from policies.act import (ActNet, ActSource, HaltingUnits, act_loss, act_pass, act_train_step,
                           build_halting_units, halting_distribution, halting_flops,
                           ponder_cost)
 from policies.registry import build_source, get_method
 from policies.source import PolicySourceError
 from utils.data import get_dataset
-from utils.stats import format_eval_block, policy_stats
 
 
 # -- the equations on hand-computed values ----------------------------------------
@@ -254,18 +252,11 @@ def test_a_higher_tau_lowers_the_ponder_cost_gradient_step():
 def _reference_block(rnet, agent, dataset):
     """One image at a time: ACT's halting, FLOPs from the table plus the halting units
     of the blocks that ran."""
-    table = flop_table("R32_C10")
-    policies, matches = [], []
-    with torch.no_grad():
-        for i in range(len(dataset)):
-            x, y = dataset[i]
-            out = act_pass(rnet, agent, x.unsqueeze(0), mode="dynamic")
-            policies.append(out.policy)
-            matches.append((out.logits.argmax(1) == y).float())
-    policy = torch.cat(policies)
-    flops = table.per_image(policy, include_policy=False) + halting_flops(agent, policy)
-    return format_eval_block(policy_stats(policy.to(torch.uint8), torch.cat(matches)),
-                             flops.numpy())
+    def one_image(x):
+        out = act_pass(rnet, agent, x, mode="dynamic")
+        return out.logits, out.policy
+    return reference_block("R32_C10", dataset, one_image,
+                           lambda policy: halting_flops(agent, policy)[0])
 
 
 def test_finetuning_checkpoint_round_trips_through_test_py(tiny_data, tiny_args, tmp_path,

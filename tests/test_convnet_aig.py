@@ -4,7 +4,6 @@ import glob
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 import cl_training
 import finetune
 import test as test_script
-from helpers import error_line, printed_block, randomize_bn
+from helpers import error_line, printed_block, randomize_bn, reference_block
 from models import build_resnet, get_spec
 from models.flops import flop_table, module_flops
 from policies.convnet_aig import (AIGAgent, AIGNet, AIGSource, aig_pass, aig_train_step,
@@ -22,7 +21,6 @@ from policies.registry import get_method, method_of
 from policies.source import PolicySourceError
 from utils.checkpoint import read_checkpoint
 from utils.data import get_dataset
-from utils.stats import format_eval_block, policy_stats
 
 METHOD = get_method("convnet_aig")
 
@@ -307,18 +305,10 @@ def _last(folder):
 
 def _reference_block(rnet, agent, dataset, name):
     """One image at a time: the gates' argmax, the chosen blocks, FLOPs by the table."""
-    table = flop_table(name)
-    policies, matches, flops = [], [], []
-    with torch.no_grad():
-        for i in range(len(dataset)):
-            x, y = dataset[i]
-            out = aig_pass(rnet, agent, x.unsqueeze(0), mode="grouped")
-            policies.append(out.gates)
-            matches.append((out.logits.argmax(1) == y).float())
-            flops.append(table.resnet_fixed + int(out.gates[0] @ torch.tensor(
-                table.block_costs, dtype=torch.float32)) + agent.flops)
-    return format_eval_block(policy_stats(torch.cat(policies).to(torch.uint8),
-                                          torch.cat(matches)), np.asarray(flops))
+    def one_image(x):
+        out = aig_pass(rnet, agent, x, mode="grouped")
+        return out.logits, out.gates
+    return reference_block(name, dataset, one_image, lambda policy: agent.flops)
 
 
 def test_finetune_checkpoint_round_trips_through_test_py(tiny_data, tiny_args, tmp_path,

@@ -1,16 +1,13 @@
 """BlockDrop-seq (supplement): gates, execution paths, training step, checkpoints."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import test as test_script
-from helpers import make_cifar, printed_block, randomize_bn
+from helpers import make_cifar, printed_block, randomize_bn, reference_block
 from models import build_resnet, get_spec
-from models.flops import flop_table
 from policies.seq import SeqNet, SeqSource, build_seq_agent, seq_pass, seq_train_step
 from utils.data import get_dataset
-from utils.stats import format_eval_block, policy_stats
 
 
 def _models(name, seed=0):
@@ -123,18 +120,10 @@ def test_one_training_step_changes_the_gates(curriculum):
 
 def _reference_block(rnet, agent, dataset, name):
     """One image at a time: greedy gates, the chosen blocks, FLOPs from the table."""
-    table = flop_table(name)
-    policies, matches, flops = [], [], []
-    with torch.no_grad():
-        for i in range(len(dataset)):
-            x, y = dataset[i]
-            out = seq_pass(rnet, agent, x.unsqueeze(0), mode="grouped")
-            policies.append(out.policy)
-            matches.append((out.logits.argmax(1) == y).float())
-            flops.append(table.resnet_fixed + int(out.policy[0] @ torch.tensor(
-                table.block_costs, dtype=torch.float32)) + agent.flops)
-    return format_eval_block(policy_stats(torch.cat(policies), torch.cat(matches)),
-                             np.asarray(flops))
+    def one_image(x):
+        out = seq_pass(rnet, agent, x, mode="grouped")
+        return out.logits, out.policy
+    return reference_block(name, dataset, one_image, lambda policy: agent.flops)
 
 
 def test_checkpoint_round_trips_through_test_py(tmp_path, capsys):

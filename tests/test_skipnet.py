@@ -4,7 +4,6 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 import cl_training
 import finetune
 import test as test_script
-from helpers import error_line, printed_block, randomize_bn
+from helpers import error_line, printed_block, randomize_bn, reference_block
 from models import build_resnet, get_spec
 from models.flops import flop_counter, flop_table
 from policies.registry import get_method, method_of
@@ -22,7 +21,6 @@ from policies.skipnet import (SkipGates, SkipNetPair, SkipSource, build_skip_gat
 from policies.source import PolicySourceError
 from utils.checkpoint import read_checkpoint
 from utils.data import get_dataset
-from utils.stats import format_eval_block, policy_stats
 
 
 def _models(name="R32_C10", seed=0, keep=0.5, images=16):
@@ -235,17 +233,10 @@ def test_sp_step_carries_the_gradient_into_the_gates_straight_through():
 # -- through the scripts ------------------------------------------------------------
 def _reference_block(rnet, agent, dataset):
     """One image at a time: the test rule, the chosen blocks, FLOPs from the table."""
-    table = flop_table("R32_C10")
-    policies, matches, flops = [], [], []
-    with torch.no_grad():
-        for x, y in dataset:
-            out = skip_pass(rnet, agent, x[None], mode="grouped")
-            policies.append(out.policy)
-            matches.append((out.logits.argmax(1) == y).float())
-            flops.append(table.resnet_fixed + int(out.policy[0] @ torch.tensor(
-                table.block_costs, dtype=torch.float32)) + agent.flops)
-    return format_eval_block(policy_stats(torch.cat(policies), torch.cat(matches)),
-                             np.asarray(flops))
+    def one_image(x):
+        out = skip_pass(rnet, agent, x, mode="grouped")
+        return out.logits, out.policy
+    return reference_block("R32_C10", dataset, one_image, lambda policy: agent.flops)
 
 
 @pytest.mark.parametrize("phase", ["sp", "hrl"])
