@@ -48,7 +48,7 @@ from models.export import ExportedBlockDrop, StageDecision, gather_rows, scatter
 from utils.amp import autocast
 from utils.dist import wrap
 
-from .method import FINETUNE, Method, StepOutput, TrainStep, Where, register
+from .method import FINETUNE, JointNet, Method, StepOutput, TrainStep, Where, register
 from .rewards import reward
 from .source import PolicySource, PolicySourceError
 
@@ -278,17 +278,12 @@ class ActSource(PolicySource):
         return in_chunks(rnet, one_chunk, x)
 
 
-class ActNet(nn.Module):
-    """A ResNet and its halting units as one module, so that a training step is one
-    ``forward`` (which DistributedDataParallel needs to synchronise both)."""
+class ActNet(JointNet):
+    """A ResNet and its halting units: ``forward(x)`` is the masked :func:`act_pass`."""
 
-    def __init__(self, rnet: FlatResNet, agent: HaltingUnits):
-        super().__init__()
-        self.rnet = rnet
-        self.agent = agent
-
-    def forward(self, x: torch.Tensor) -> ActOutput:
-        return act_pass(self.rnet, self.agent, x, mode="masked")
+    @staticmethod
+    def run(rnet: FlatResNet, agent: nn.Module, x: torch.Tensor) -> ActOutput:
+        return act_pass(rnet, agent, x, mode="masked")
 
 
 def act_train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,

@@ -53,7 +53,7 @@ from models.export import Decision
 from utils.amp import autocast
 from utils.dist import unwrap, wrap
 
-from .method import FINETUNE, Method, StepOutput, TrainStep, Where, register
+from .method import FINETUNE, JointNet, Method, StepOutput, TrainStep, Where, register
 from .source import PolicySource
 
 HIDDEN = 16  # the gate's hidden units (authors' code: fc1 to 16 channels)
@@ -228,17 +228,11 @@ def aig_pass(rnet: FlatResNet, agent: AIGAgent, x: torch.Tensor,
 
 
 
-class AIGNet(nn.Module):
-    """A ResNet and its ConvNet-AIG gates as one module (one DDP forward per step)."""
+class AIGNet(JointNet):
+    """A ResNet and its ConvNet-AIG gates: ``forward(x, noise, temperature)`` is
+    :func:`aig_pass`."""
 
-    def __init__(self, rnet: FlatResNet, agent: AIGAgent):
-        super().__init__()
-        self.rnet = rnet
-        self.agent = agent
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
-                temperature: float = DEFAULT_TEMPERATURE) -> AIGOutput:
-        return aig_pass(self.rnet, self.agent, x, noise, temperature)
+    run = staticmethod(aig_pass)
 
 
 # -- test-time source -----------------------------------------------------------------

@@ -175,6 +175,22 @@ class Method:
         return f"<method {self.name}>"
 
 
+class JointNet(nn.Module):
+    """A ResNet and its deciding network as one module, so that a training step is one
+    ``forward`` (which DistributedDataParallel needs to synchronise both). A subclass sets
+    ``run(rnet, agent, x, ...)``, the method's pass; ``forward(x, ...)`` calls it."""
+
+    run: Callable[..., Any]
+
+    def __init__(self, rnet: FlatResNet, agent: nn.Module):
+        super().__init__()
+        self.rnet = rnet
+        self.agent = agent
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return type(self).run(self.rnet, self.agent, x, *args, **kwargs)
+
+
 METHODS: dict[str, Method] = {}
 
 

@@ -38,7 +38,7 @@ from models.export import Decision
 from utils.amp import autocast
 from utils.dist import wrap
 
-from .method import CURRICULUM, FINETUNE, Method, StepOutput, TrainStep, Where, register
+from .method import CURRICULUM, FINETUNE, JointNet, Method, StepOutput, TrainStep, Where, register
 from .rewards import (advantage, bounded_probs, curriculum_loss, curriculum_mask, finetune_loss,
                       reward)
 from .source import PolicySource
@@ -71,21 +71,6 @@ class SeqAgent(nn.Module):
         """(B, 2) logits over {drop, keep} of block ``t`` from its input ``h``."""
         return self.gates[t](h.detach().mean((2, 3)))
 
-
-
-class SeqNet(nn.Module):
-    """A ResNet and its BlockDrop-seq gates as one module, so that a training step is one
-    ``forward`` (which DistributedDataParallel needs to synchronise both)."""
-
-    def __init__(self, rnet: FlatResNet, agent: SeqAgent):
-        super().__init__()
-        self.rnet = rnet
-        self.agent = agent
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, alpha: float = 0.8,
-                keep_first: int = 0, mode: str = "masked") -> SeqOutput:
-        """:func:`seq_pass` of the held ResNet and gates."""
-        return seq_pass(self.rnet, self.agent, x, noise, alpha, keep_first, mode)
 
 
 def block_in_channels(rnet: FlatResNet) -> list[int]:
@@ -180,6 +165,13 @@ class SeqSource(PolicySource):
                            threshold=self.threshold)
             return out.logits, out.policy
         return in_chunks(rnet, one_chunk, x)
+
+
+class SeqNet(JointNet):
+    """A ResNet and its BlockDrop-seq gates: ``forward(x, noise, alpha, keep_first, mode)``
+    is :func:`seq_pass`."""
+
+    run = staticmethod(seq_pass)
 
 
 def seq_train_step(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,

@@ -52,7 +52,7 @@ from models.export import Decision
 from utils.amp import autocast
 from utils.dist import wrap
 
-from .method import FINETUNE, Method, StepOutput, TrainStep, Where, register
+from .method import FINETUNE, JointNet, Method, StepOutput, TrainStep, Where, register
 from .seq import block_in_channels
 from .source import PolicySource
 
@@ -305,18 +305,14 @@ def _masked_block(rnet: FlatResNet, t: int, h: torch.Tensor, residual: torch.Ten
 
 
 
-class SkipNetPair(nn.Module):
-    """A ResNet and its SkipNet gates as one module, so that a training step is one
-    ``forward`` (which DistributedDataParallel needs to synchronise both)."""
+class SkipNetPair(JointNet):
+    """A ResNet and its SkipNet gates: ``forward(x, noise, straight)`` is the masked
+    :func:`skip_pass` (training)."""
 
-    def __init__(self, rnet: FlatResNet, agent: SkipGates):
-        super().__init__()
-        self.rnet = rnet
-        self.agent = agent
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
-                straight: bool = False) -> SkipOutput:
-        return skip_pass(self.rnet, self.agent, x, noise, "masked", straight=straight)
+    @staticmethod
+    def run(rnet: FlatResNet, agent: nn.Module, x: torch.Tensor,
+            noise: torch.Tensor | None = None, straight: bool = False) -> SkipOutput:
+        return skip_pass(rnet, agent, x, noise, "masked", straight=straight)
 
 
 # -- training -----------------------------------------------------------------------
