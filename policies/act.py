@@ -50,7 +50,7 @@ from utils.dist import wrap
 
 from .method import FINETUNE, JointNet, Method, StepOutput, TrainStep, Where, register
 from .rewards import reward
-from .source import PolicySource, PolicySourceError
+from .source import PolicySource, PolicySourceError, check_pass
 
 DEFAULT_TAU = 0.01  # ponder cost weight: the peer's README runs CIFAR-10 with --tau=0.01
 DEFAULT_EPS = 0.01  # ε: the peer's adaptive_computation_time default (eps=1e-2)
@@ -168,8 +168,7 @@ def act_pass(rnet: FlatResNet, agent: HaltingUnits, x: torch.Tensor,
              threshold: float | None = None, mode: str = "masked") -> ActOutput:
     """Stem, one ACT module per block stage, head. ``threshold``: a stage halts once its
     cumulative halting score reaches it (None: 1 - ε of the units)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_pass(mode, MODES)
     if agent.layers != rnet.layers:
         raise ValueError(f"the halting units are for stages of {agent.layers} blocks, the "
                          f"ResNet has {rnet.layers}")

@@ -54,7 +54,7 @@ from utils.amp import autocast
 from utils.dist import unwrap, wrap
 
 from .method import FINETUNE, JointNet, Method, StepOutput, TrainStep, Where, register
-from .source import PolicySource
+from .source import PolicySource, check_pass
 
 HIDDEN = 16  # the gate's hidden units (authors' code: fc1 to 16 channels)
 # the authors' initial bias of the gate's last layer, (drop, keep): about 85% kept at start
@@ -194,11 +194,7 @@ def aig_pass(rnet: FlatResNet, agent: AIGAgent, x: torch.Tensor,
     for every row and selects (with gradient); "grouped" runs a block only on the rows
     that keep it (batch 1: a dropped block is not computed). The first ``keep_first``
     blocks are kept whatever their gates say (their gates still run)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if agent.num_blocks != rnet.num_blocks:
-        raise ValueError(f"the agent decides {agent.num_blocks} blocks, the ResNet has "
-                         f"{rnet.num_blocks}")
+    check_pass(mode, MODES, agent.num_blocks, rnet)
     h = rnet.stem(x)
     gates, softs = [], []
     fixed = agent.fixed

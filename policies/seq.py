@@ -41,7 +41,7 @@ from utils.dist import wrap
 from .method import CURRICULUM, FINETUNE, JointNet, Method, StepOutput, TrainStep, Where, register
 from .rewards import (advantage, bounded_probs, curriculum_loss, curriculum_mask, finetune_loss,
                       reward)
-from .source import PolicySource
+from .source import PolicySource, check_pass
 
 MODES = ("masked", "grouped")
 # the eval-mode execution for batches of more than one image (chosen by measurement,
@@ -102,11 +102,7 @@ def seq_pass(rnet: FlatResNet, agent: SeqAgent, x: torch.Tensor,
     The first ``keep_first`` blocks are kept whatever the gates say (curriculum learning,
     Alg. 1); their gates still run.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if agent.num_blocks != rnet.num_blocks:
-        raise ValueError(f"the agent decides {agent.num_blocks} blocks, the ResNet has "
-                         f"{rnet.num_blocks}")
+    check_pass(mode, MODES, agent.num_blocks, rnet)
     h = rnet.stem(x)
     probs, decisions = [], []
     for t in range(rnet.num_blocks):

@@ -54,7 +54,7 @@ from utils.dist import wrap
 
 from .method import FINETUNE, JointNet, Method, StepOutput, TrainStep, Where, register
 from .seq import block_in_channels
-from .source import PolicySource
+from .source import PolicySource, check_pass
 
 EMBED = 10  # the gate's embedding size (the peer's recurrent gates, CIFAR and ImageNet)
 HIDDEN = 10  # the shared LSTM's hidden size
@@ -265,11 +265,7 @@ def skip_pass(rnet: FlatResNet, agent: SkipGates, x: torch.Tensor,
     whatever the gates say (their gates still run). ``mode``: ``masked`` runs every block
     on every row and selects; ``grouped`` runs each block only on the rows that keep it.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if agent.num_blocks != rnet.num_blocks:
-        raise ValueError(f"the gates decide {agent.num_blocks} blocks, the ResNet has "
-                         f"{rnet.num_blocks}")
+    check_pass(mode, MODES, agent.num_blocks, rnet)
     h = rnet.stem(x)
     state = agent.initial_state(h)
     ones = h.new_ones(h.shape[0], dtype=torch.float32)

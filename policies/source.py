@@ -76,3 +76,15 @@ class PolicySource:
         if not dynamic:
             return rnet(x, policy), policy
         return rnet.forward_dynamic(x, policy), policy
+
+
+def check_pass(mode: str, modes: tuple[str, ...], decides: int | None = None,
+               rnet: FlatResNet | None = None) -> None:
+    """The arguments of a method's pass: ``mode`` one of ``modes``; a deciding network for
+    ``decides`` blocks beside a ResNet of as many."""
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {', '.join(modes)}, got {mode!r}")
+    if rnet is not None and decides != rnet.num_blocks:
+        raise ValueError(f"the deciding network decides {decides} blocks, the ResNet has "
+                         f"{rnet.num_blocks}")
+

@@ -42,7 +42,7 @@ from utils.dist import wrap
 
 from .fixed import FixedSource
 from .method import FINETUNE, Method, StepOutput, TrainStep, Where, register
-from .source import PolicySource, PolicySourceError
+from .source import PolicySource, PolicySourceError, check_pass
 
 NAME = "stochastic_depth"
 MODES = ("masked", "grouped")
@@ -95,8 +95,7 @@ def sd_pass(rnet: FlatResNet, x: torch.Tensor, keep: torch.Tensor, probs: Sequen
     """Logits of ``x`` where row i runs block t iff ``keep[i, t]`` and a kept block adds
     ``F(x) / p_t`` (inverted scaling): ``relu(residual + F(x) / p_t)``; a dropped block
     passes ``residual`` on. ``mode`` (module docstring): ``grouped`` or ``masked``."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_pass(mode, MODES)
     if keep.dim() != 2 or keep.shape != (x.shape[0], rnet.num_blocks):
         raise ValueError(f"keep must have shape ({x.shape[0]}, {rnet.num_blocks}), "
                          f"got {tuple(keep.shape)}")

@@ -172,3 +172,18 @@ def test_methods_that_decide_as_they_run_give_the_same_in_chunks(name):
     assert torch.equal(whole[1], chunked[1]) and 0 < float(whole[1].mean()) < 1
     torch.testing.assert_close(whole[0], chunked[0], rtol=1e-4, atol=1e-5)
     assert empty[0].shape == (0, 10) and empty[1].shape == (0, 15)
+
+
+def test_a_pass_refuses_an_unknown_mode_and_a_network_for_another_resnet():
+    from models import build_resnet
+    from policies.convnet_aig import aig_pass
+    from policies.seq import seq_pass
+    from policies.skipnet import skip_pass
+    r32 = build_resnet(get_spec("R32_C10")).eval()
+    x = torch.rand(1, 3, 32, 32)
+    for name, run in (("seq", seq_pass), ("convnet_aig", aig_pass), ("skipnet", skip_pass)):
+        agent = build_agent(get_spec("R110_C10"), name)
+        with pytest.raises(ValueError, match="decides 54 blocks, the ResNet has 15"):
+            run(r32, agent, x)
+        with pytest.raises(ValueError, match="mode must be one of .* got 'sideways'"):
+            run(r32, build_agent(get_spec("R32_C10"), name), x, mode="sideways")
