@@ -436,6 +436,18 @@ def bench_methods(name: str, batch: int, keep: int, repeats: int, warmup: int,
     }
 
 
+def _grid(models: Sequence[str], batches: Sequence[int], fmt: Callable[[list[dict]], str],
+          bench: Callable[[str, int], dict]) -> list[dict]:
+    """``bench(model, batch)`` for every model and batch size; each row's lines of ``fmt``
+    (without the header) go to stderr as it is measured."""
+    rows = []
+    for name in models:
+        for batch in batches:
+            rows.append(bench(name, batch))
+            print(fmt(rows[-1:]).split("\n", 2)[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def format_methods(rows: list[dict]) -> str:
     head = ("model        batch | method        blocks   FLOPs/img | ms/image   speed-up  "
             "of FLOP bound")
@@ -962,23 +974,17 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
         result["curriculum"] = r
         print(format_curriculum(r))
     if "seq" in args.parts:
-        rows = []
-        for name in args.seq_models:
-            for batch in args.seq_batches:
-                rows.append(bench_seq(name, batch, args.keep_counts[name], args.repeats,
-                                      args.warmup, device, args.seed, args.min_time,
-                                      args.seq_images))
-                print(format_seq(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        rows = _grid(args.seq_models, args.seq_batches, format_seq, lambda name, batch: bench_seq(
+            name, batch, args.keep_counts[name], args.repeats, args.warmup, device, args.seed,
+            args.min_time, args.seq_images))
         result["seq"] = rows
         print("Table 2, BlockDrop vs BlockDrop-seq, greedy decisions, networks included "
               f"(median of {args.repeats}):\n" + format_seq(rows) + "\n")
     if "methods" in args.parts:
-        rows = []
-        for name in args.method_models:
-            for batch in args.method_batches:
-                rows.append(bench_methods(name, batch, args.keep_counts[name], args.repeats,
-                                          args.warmup, device, args.seed, args.min_time,
-                                          args.seq_images))
+        rows = _grid(args.method_models, args.method_batches, format_methods,
+                     lambda name, batch: bench_methods(
+                         name, batch, args.keep_counts[name], args.repeats, args.warmup, device,
+                         args.seed, args.min_time, args.seq_images))
         result["methods"] = rows
         print("Every registered method, greedy decisions, deciding networks included "
               f"(median of {args.repeats}):\n" + format_methods(rows) + "\n")
