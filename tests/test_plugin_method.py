@@ -57,6 +57,7 @@ class Colour(Method):
     name = "colour"
     summary = "test method: gates from the mean colour"
     stages = (FINETUNE,)
+    agent_class, agent_words = ColourGate, "colour gates"  # what source() accepts
 
     def add_options(self, parser) -> None:
         group = parser.add_argument_group("colour (--agent colour)")
@@ -83,6 +84,8 @@ class Colour(Method):
         return nn.ModuleList([net, gate]), step
 
     def source(self, spec, agent=None, *, k=None, seed=0, threshold=None) -> PolicySource:
+        threshold = self.checked_threshold(threshold)  # in threshold_range, or None
+        agent = self.checked_agent(spec, agent)  # a ColourGate, or one line
         return ColourSource(agent, 0.5 if threshold is None else threshold)
 
 
