@@ -1,5 +1,10 @@
 """Shared fixtures (tiny CIFAR-format data and base networks made in a temp folder) and the
-two markers: ``slow`` tests run only with ``--runslow``; ``gpu`` tests only where CUDA is."""
+markers: ``slow`` tests run only with ``--runslow``; ``gpu`` tests only where CUDA is;
+``long`` tests (a minute or more) are started first, so that the parallel workers
+(pytest-xdist, ``-n`` in pyproject.toml) finish together.
+
+Each worker computes on one thread, and so do the scripts the tests start
+(``OMP_NUM_THREADS``, unless it is set already): two workers on two cores."""
 from __future__ import annotations
 
 import os
@@ -12,6 +17,7 @@ from models import build_resnet, get_spec
 from utils.data import write_cifar_folder
 
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -20,7 +26,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``slow`` tests unless --runslow is given and ``gpu`` tests without CUDA."""
+    """Skip ``slow`` tests unless --runslow is given and ``gpu`` tests without CUDA; put
+    ``long`` tests first (the order is otherwise kept)."""
     skips = []
     if not config.getoption("--runslow"):
         skips.append(("slow", pytest.mark.skip(reason="slow: run with --runslow")))
@@ -30,6 +37,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, skip in skips:
             if marker in item.keywords:
                 item.add_marker(skip)
+    items.sort(key=lambda item: "long" not in item.keywords)
 
 
 @pytest.fixture(scope="session")

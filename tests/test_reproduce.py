@@ -220,6 +220,7 @@ def run_smoke(name, tmp_path, files):
     return out
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
                                   if n == "compare_gamma" else n for n in sorted(SMOKE)])
 def test_smoke(name, tmp_path):
@@ -256,6 +257,7 @@ def test_table1_gamma_follows_the_paper():
     assert table1_gamma("R32_C100", None) == 5.0 and table1_gamma("R110_C10", 2.0) == 2.0
 
 
+@pytest.mark.long
 def test_smoke_pareto_draws_every_method(tmp_path):
     """Every registered method trained on generated data, swept and timed on one backbone."""
     out = run_smoke("pareto", tmp_path, ["pareto.md", "pareto.csv", "pareto_flops.png",
