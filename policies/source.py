@@ -87,4 +87,3 @@ def check_pass(mode: str, modes: tuple[str, ...], decides: int | None = None,
     if rnet is not None and decides != rnet.num_blocks:
         raise ValueError(f"the deciding network decides {decides} blocks, the ResNet has "
                          f"{rnet.num_blocks}")
-
